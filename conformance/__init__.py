@@ -1,0 +1,1 @@
+"""conformance: the backend-agnostic conformance suite."""

@@ -1,0 +1,1 @@
+"""fault_injection: faults as data, the injector, scenario files and the chaos runner."""

@@ -1,0 +1,28 @@
+"""trainkit: a reference distributed-training runtime with the Ray Train V2 API, plus a test harness.
+
+Swap ``ray.train`` for ``trainkit`` in a Ray Train V2 program:
+
+>>> import trainkit
+>>> from trainkit.torch import TorchTrainer  # doctest: +SKIP
+>>> TorchTrainer(train_func, scaling_config=trainkit.ScalingConfig(num_workers=2)).fit()  # doctest: +SKIP
+"""
+
+from trainkit import collective
+from trainkit.checkpoint import Checkpoint
+from trainkit.config import CheckpointConfig, FailureConfig, HangConfig, RunConfig, ScalingConfig
+from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, ScenarioError,
+                             StorageError, TrainingFailedError, TrainkitError, WorkerGroupError)
+from trainkit.result import Result
+from trainkit.session import (ReportedCheckpoint, TrainContext, get_all_reported_checkpoints, get_checkpoint,
+                              get_context, get_dataset_shard, report)
+from trainkit.trainer import DataParallelTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint", "CheckpointConfig", "FailureConfig", "HangConfig", "RunConfig", "ScalingConfig", "Result",
+    "DataParallelTrainer", "TrainContext", "ReportedCheckpoint",
+    "report", "get_checkpoint", "get_all_reported_checkpoints", "get_context", "get_dataset_shard", "collective",
+    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "CheckpointError", "TrainingFailedError",
+    "WorkerGroupError", "ControllerError", "HangDetectedError",
+]

@@ -1,0 +1,79 @@
+"""Backends: what runs a training function under the trainkit API.
+
+A backend is any object with ``name``, ``capabilities`` and ``run(spec) -> Result``.
+Built-ins: ``local`` (in-process, torchrun-aware), ``ray`` (the reference: Ray actors +
+torch.distributed) and ``ray_train`` (adapter to real Ray Train). Third parties register
+more under the entry point group ``trainkit.backends``. Runs in the driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
+
+from trainkit.config import RunConfig, ScalingConfig
+from trainkit.errors import ConfigError
+
+# Capability names, used by the conformance suite and the chaos runner.
+MULTI_WORKER = "multi_worker"
+FAULT_INJECTION = "fault_injection"
+ELASTIC = "elastic"
+VIRTUAL_NODES = "virtual_nodes"
+HANG_DIAGNOSTICS = "hang_diagnostics"
+PREEMPTION = "preemption"
+DURABLE_REPORT = "durable_report"
+
+
+@dataclass
+class TrainSpec:
+    """Everything a backend needs to run one ``fit()``."""
+
+    train_fn: Callable
+    train_loop_config: Optional[dict]
+    scaling_config: ScalingConfig
+    run_config: RunConfig
+    torch_config: Any = None
+    datasets: dict = field(default_factory=dict)
+    takes_config: bool = True
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    capabilities: frozenset
+
+    def run(self, spec: TrainSpec): ...
+
+
+_BUILTIN = {
+    "local": "trainkit.backends.local:LocalBackend",
+    "ray": "trainkit.backends.ray:RayBackend",
+    "ray_train": "trainkit.backends.ray_train:RayTrainBackend",
+}
+
+
+def _load(target: str):
+    mod, _, attr = target.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def available_backends() -> dict[str, str]:
+    found = dict(_BUILTIN)
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="trainkit.backends"):
+            found.setdefault(ep.name, ep.value)
+    except Exception:  # noqa: BLE001 - a broken third-party entry point must not break trainkit
+        pass
+    return found
+
+
+def get_backend(name: str) -> Backend:
+    """Instantiate the backend registered as ``name``."""
+    table = available_backends()
+    if name not in table:
+        raise ConfigError("backend", name, "one of " + ", ".join(sorted(table)))
+    obj = _load(table[name])
+    return obj() if isinstance(obj, type) else obj

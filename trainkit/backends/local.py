@@ -1,0 +1,260 @@
+"""Local mode (``num_workers=0``): the training function runs in the calling process.
+
+Unlike Ray Train's local mode, the full contract holds: checkpoints persist to storage,
+retention applies, a re-run with the same name resumes, ``max_failures`` re-runs the
+function in-process, and the event stream is written.
+
+Under ``torchrun`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` all set) each process is one rank: the process group
+is initialised (gloo on CPU, NCCL on GPU), rank 0 keeps the ledger, and ``report()`` is
+a barrier through a gloo side group. Restarts under torchrun are torchrun's own
+(``--max-restarts``); a restarted torchrun job with the same ``RunConfig.name`` resumes.
+Runs in the driver (or each torchrun process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any, Optional
+
+from trainkit import backends
+from trainkit.errors import (ReportError, TrainingFailedError, TrainkitError, WorkerFailure,
+                             WorkerGroupError)
+from trainkit.ledger import RunLedger, load_result
+from trainkit.policies import FailureDecision, decide_failure
+from trainkit.session import RankInfo, ReportReply, _mismatch, _Session, _set_session
+from trainkit.storage import RunStore
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_env() -> Optional[dict]:
+    if all(v in os.environ for v in TORCHRUN_VARS):
+        return {v: os.environ[v] for v in TORCHRUN_VARS}
+    return None
+
+
+class InlineCoordinator:
+    """One rank in this process: a report commits at once."""
+
+    def __init__(self, ledger: RunLedger, attempt: int):
+        self.ledger = ledger
+        self.attempt = attempt
+
+    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
+        t0 = time.perf_counter()
+        self.ledger.commit(self.attempt, index, metrics or {}, checkpoint_dir,
+                           {0: files} if checkpoint_dir else None, world_size=1,
+                           barrier_s=time.perf_counter() - t0)
+        return ReportReply(checkpoint_dir)
+
+    def collective(self, world_rank, op, seq, payload):
+        return payload
+
+    def reported_checkpoints(self):
+        return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
+
+
+class TorchDistCoordinator:
+    """Ranks are torchrun processes; rank 0 owns the ledger. Rounds go over a gloo group."""
+
+    def __init__(self, ledger: Optional[RunLedger], attempt: int, world_rank: int, world_size: int, group):
+        self.ledger = ledger
+        self.attempt = attempt
+        self.rank = world_rank
+        self.world_size = world_size
+        self.group = group
+
+    def _round(self, msg: tuple, decide) -> Any:
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(msg, gathered, dst=0, group=self.group)
+        reply: list = [None]
+        if self.rank == 0:
+            try:
+                ops = {(m[0], m[1]) for m in gathered}
+                if len(ops) > 1:
+                    desc = ", ".join(f"rank {r}: {m[0]} #{m[1]}" for r, m in enumerate(gathered))
+                    (a_op, a_seq), (b_op, b_seq) = sorted(ops)[:2]
+                    raise _mismatch(a_op, a_seq, b_op, b_seq, desc)
+                reply[0] = ("ok", decide(gathered))
+            except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
+                reply[0] = ("error", e)
+        dist.broadcast_object_list(reply, src=0, group=self.group)
+        status, value = reply[0]
+        if status == "error":
+            raise value
+        return value
+
+    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
+        t0 = time.perf_counter()
+
+        def commit(gathered):
+            dirs = {m[3] for m in gathered if m[3] is not None}
+            if len(dirs) > 1:
+                raise ReportError(f"report {index}: ranks used different checkpoint_dir_name values {sorted(dirs)}")
+            d = dirs.pop() if dirs else None
+            self.ledger.commit(self.attempt, index, gathered[0][2] or {}, d,
+                               {r: m[4] for r, m in enumerate(gathered) if m[3] is not None},
+                               world_size=self.world_size, barrier_s=time.perf_counter() - t0)
+            return d
+
+        return ReportReply(self._round(("report", index, metrics, checkpoint_dir, files), commit))
+
+    def collective(self, world_rank, op, seq, payload):
+        return self._round((op, seq, payload if world_rank == 0 else None, None, None),
+                           lambda gathered: gathered[0][2])
+
+    def reported_checkpoints(self):
+        def listing(_g):
+            return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
+
+        return self._round(("reported_checkpoints", 0, None, None, None), listing)
+
+
+def _failure_from(exc: BaseException, world_rank: int) -> WorkerFailure:
+    return WorkerFailure(world_rank=world_rank, node_id="local", pid=os.getpid(), kind="exception",
+                         exc_type=type(exc).__name__, message=str(exc),
+                         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def _call(spec: backends.TrainSpec) -> Any:
+    if spec.takes_config:
+        return spec.train_fn(spec.train_loop_config if spec.train_loop_config is not None else {})
+    return spec.train_fn()
+
+
+def _hooks(spec: backends.TrainSpec) -> list:
+    return [cb.worker_hook() for cb in spec.run_config.callbacks if hasattr(cb, "worker_hook")]
+
+
+class LocalBackend:
+    name = "local"
+    capabilities = frozenset({backends.FAULT_INJECTION, backends.DURABLE_REPORT})
+
+    def run(self, spec: backends.TrainSpec):
+        tr = torchrun_env()
+        if tr is not None and int(tr["WORLD_SIZE"]) >= 1:
+            return _run_torchrun(spec, tr)
+        return _run_single(spec)
+
+
+def _subscribe(ledger: RunLedger, spec: backends.TrainSpec) -> None:
+    for cb in spec.run_config.callbacks:
+        if hasattr(cb, "on_event"):
+            ledger.events.subscribe(cb.on_event)
+
+
+def _run_single(spec: backends.TrainSpec):
+    rc = spec.run_config
+    store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
+    ledger = RunLedger(store, rc.checkpoint_config, backend="local", num_workers=0)
+    _subscribe(ledger, spec)
+    fc = rc.failure_config
+    hooks = _hooks(spec)
+    while True:
+        attempt = ledger.start_attempt(1, [{"world_rank": 0, "local_rank": 0, "node_rank": 0,
+                                            "node_id": "local", "pid": os.getpid()}])
+        info = RankInfo(attempt=attempt, node_id="local")
+        session = _Session(info, store, InlineCoordinator(ledger, attempt), experiment_name=rc.name,
+                           start_checkpoint=ledger.latest_checkpoint(), start_index=ledger.latest_index,
+                           datasets=spec.datasets, hooks=hooks)
+        _set_session(session)
+        try:
+            value = _call(spec)
+        except Exception as e:  # noqa: BLE001 - every user error is a failure of the attempt
+            ledger.failures += 1
+            decision = decide_failure(ledger.failures, fc.max_failures)
+            failure = _failure_from(e, 0)
+            ledger.record_failure(attempt, [failure], will_retry=decision is FailureDecision.RETRY)
+            if decision is FailureDecision.RETRY:
+                continue
+            err = WorkerGroupError(f"rank 0 raised {type(e).__name__} (attempt {attempt}, "
+                                   f"max_failures={fc.max_failures})", [failure])
+            ledger.finish("failed", err)
+            raise err from e
+        except BaseException as e:  # KeyboardInterrupt: record, then let it go
+            ledger.finish("aborted", WorkerGroupError(f"aborted by {type(e).__name__}",
+                                                      [_failure_from(e, 0)]))
+            raise
+        finally:
+            _set_session(None)
+        ledger.finish("finished")
+        return ledger.result(return_value=value)
+
+
+def _run_torchrun(spec: backends.TrainSpec, env: dict):
+    import torch
+    import torch.distributed as dist
+
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank, local_ws = int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
+    owned = not dist.is_initialized()
+    if owned:
+        use_cuda = torch.cuda.is_available()
+        tc = spec.torch_config
+        backend = getattr(tc, "backend", None) or ("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        import datetime
+
+        dist.init_process_group(backend=backend,
+                                timeout=datetime.timedelta(seconds=getattr(tc, "timeout_s", 1800)))
+    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    rc = spec.run_config
+    # Every process resolved its own default name: rank 0's wins.
+    shared = [(rc.name, rc.storage_path)]
+    dist.broadcast_object_list(shared, src=0, group=group)
+    name, storage_path = shared[0]
+    store = RunStore(storage_path, name, rc.storage_filesystem)
+    ledger = None
+    if rank == 0:
+        ledger = RunLedger(store, rc.checkpoint_config, backend="local/torchrun", num_workers=world_size)
+        _subscribe(ledger, spec)
+    boot: list = [None]
+    if rank == 0:
+        attempt = ledger.start_attempt(world_size)
+        latest = ledger.state["latest_checkpoint"]
+        boot[0] = (attempt, latest, ledger.latest_index)
+    dist.broadcast_object_list(boot, src=0, group=group)
+    attempt, latest_dir, latest_index = boot[0]
+    from trainkit.checkpoint import Checkpoint
+
+    start_ckpt = Checkpoint(store.path(latest_dir), store.fs) if latest_dir else None
+    info = RankInfo(world_rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_ws,
+                    node_rank=rank // max(local_ws, 1), node_id=os.environ.get("GROUP_RANK", "0"), attempt=attempt)
+    coord = TorchDistCoordinator(ledger, attempt, rank, world_size, group)
+    session = _Session(info, store, coord, experiment_name=name, start_checkpoint=start_ckpt,
+                       start_index=latest_index, datasets=spec.datasets, hooks=_hooks(spec))
+    _set_session(session)
+    try:
+        try:
+            value = _call(spec)
+        except TrainkitError as e:
+            if ledger is not None:
+                ledger.finish("failed", e if isinstance(e, TrainingFailedError) else
+                              WorkerGroupError(str(e), [_failure_from(e, rank)]))
+            raise
+        except Exception as e:  # noqa: BLE001
+            err = WorkerGroupError(f"rank {rank} raised {type(e).__name__}", [_failure_from(e, rank)])
+            if ledger is not None:
+                ledger.record_failure(attempt, err.failures, will_retry=False)
+                ledger.finish("failed", err)
+            raise err from e
+        # A rank that returns while others still report is a mismatch, found here at once.
+        coord.collective(rank, "finish", 1, None)
+        if ledger is not None:
+            ledger.finish("finished")
+            result = ledger.result(return_value=value)
+        coord.collective(rank, "finished", 1, None)
+        if ledger is None:
+            result = load_result(store.uri)
+            result.return_value = value
+        return result
+    finally:
+        _set_session(None)
+        if owned:
+            dist.destroy_process_group()

@@ -1,0 +1,248 @@
+"""Run configuration: frozen dataclasses validated at construction.
+
+A bad value raises ``ConfigError`` (also a ``ValueError``) naming the field, the value
+and what is allowed, before any worker starts. Defaults that come from the
+environment (``TRAINKIT_STORAGE_PATH``, ``TRAINKIT_HANG_TIMEOUT_S``) are resolved here.
+Runs in the driver (and is pickled to workers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Tuple, Union
+
+from trainkit import _env
+from trainkit.errors import ConfigError
+
+_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+_STORAGE_SCHEMES = ("", "file", "local", "s3", "memory", "gs", "gcs")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How many workers, with which resources.
+
+    ``num_workers=0`` runs the function in this process (local mode); an int runs that
+    many ranks; a ``(min, max)`` tuple is elastic.
+
+    >>> ScalingConfig(num_workers=(2, 4)).max_workers
+    4
+    """
+
+    num_workers: Union[int, Tuple[int, int]] = 1
+    use_gpu: bool = False
+    resources_per_worker: Optional[dict] = None
+    placement_strategy: str = "PACK"
+    trainer_resources: Optional[dict] = None
+
+    def __post_init__(self):
+        n = self.num_workers
+        if isinstance(n, list):
+            n = tuple(n)
+            object.__setattr__(self, "num_workers", n)
+        if isinstance(n, tuple):
+            if len(n) != 2 or not all(_is_int(x) for x in n):
+                raise ConfigError("ScalingConfig.num_workers", n, "an int or a (min, max) tuple of two ints")
+            lo, hi = n
+            if lo < 1:
+                raise ConfigError("ScalingConfig.num_workers", n, "an elastic (min, max) with min >= 1")
+            if lo > hi:
+                raise ConfigError("ScalingConfig.num_workers", n, "an elastic (min, max) with min <= max")
+        elif not _is_int(n):
+            raise ConfigError("ScalingConfig.num_workers", n, "an int or a (min, max) tuple of two ints")
+        elif n < 0:
+            raise ConfigError("ScalingConfig.num_workers", n,
+                              "an int >= 0 (0 runs in this process, local mode) or a (min, max) tuple")
+        if not isinstance(self.use_gpu, bool):
+            raise ConfigError("ScalingConfig.use_gpu", self.use_gpu, "True or False")
+        if self.placement_strategy not in _PLACEMENT_STRATEGIES:
+            raise ConfigError("ScalingConfig.placement_strategy", self.placement_strategy,
+                              "one of " + ", ".join(_PLACEMENT_STRATEGIES))
+        for fname in ("resources_per_worker", "trainer_resources"):
+            res = getattr(self, fname)
+            if res is None:
+                continue
+            if not isinstance(res, dict):
+                raise ConfigError(f"ScalingConfig.{fname}", res, "a dict of resource name -> amount")
+            for k, v in res.items():
+                if not isinstance(k, str) or not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                    raise ConfigError(f"ScalingConfig.{fname}[{k!r}]", v, "a number >= 0")
+        res = self.resources_per_worker or {}
+        if res.get("GPU", 0) > 0 and not self.use_gpu:
+            raise ConfigError("ScalingConfig.resources_per_worker", self.resources_per_worker,
+                              "no GPU unless use_gpu=True", hint="set use_gpu=True")
+
+    @property
+    def local_mode(self) -> bool:
+        return self.num_workers == 0
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def worker_resources(self) -> dict:
+        """The resources of one worker's bundle: default one CPU, or one GPU with ``use_gpu``."""
+        res = {k: v for k, v in (self.resources_per_worker or {}).items() if v}
+        if self.use_gpu:
+            res.setdefault("GPU", 1)
+        if not res:
+            res = {"CPU": 1}
+        return res
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """How many times a failed group is restarted from the latest checkpoint.
+
+    ``max_failures=-1`` retries forever. Preemptions (SIGTERM with notice, a drained
+    node) are counted apart, against ``max_preemptions`` (-1 by default: they never use
+    up ``max_failures``).
+    """
+
+    max_failures: int = 0
+    max_preemptions: int = -1
+
+    def __post_init__(self):
+        for fname in ("max_failures", "max_preemptions"):
+            v = getattr(self, fname)
+            if not _is_int(v) or v < -1:
+                raise ConfigError(f"FailureConfig.{fname}", v, "an int >= 0, or -1 for unlimited")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Which checkpoints to keep (Ray Train's semantics).
+
+    A missing or NaN score always ranks worst, whatever the order.
+    """
+
+    num_to_keep: Optional[int] = None
+    checkpoint_score_attribute: Optional[str] = None
+    checkpoint_score_order: str = "max"
+
+    def __post_init__(self):
+        if self.num_to_keep is not None and (not _is_int(self.num_to_keep) or self.num_to_keep < 1):
+            raise ConfigError("CheckpointConfig.num_to_keep", self.num_to_keep, "None or an int >= 1")
+        if self.checkpoint_score_order not in ("min", "max"):
+            raise ConfigError("CheckpointConfig.checkpoint_score_order", self.checkpoint_score_order,
+                              "'min' or 'max'")
+        if self.checkpoint_score_attribute is not None and not isinstance(self.checkpoint_score_attribute, str):
+            raise ConfigError("CheckpointConfig.checkpoint_score_attribute",
+                              self.checkpoint_score_attribute, "None or a metric name")
+
+
+_HANG_ACTIONS = ("warn", "fail", "restart")
+_HANG_DUMPS = ("auto", "py-spy", "faulthandler")
+
+
+@dataclass(frozen=True)
+class HangConfig:
+    """What to do when ranks wait at a report barrier for longer than ``timeout_s``.
+
+    ``timeout_s=None`` takes ``TRAINKIT_HANG_TIMEOUT_S`` (unset: no hang detection).
+    """
+
+    timeout_s: Optional[float] = None
+    action: str = "warn"
+    dump: str = "auto"
+
+    def __post_init__(self):
+        t = self.timeout_s
+        if t is None:
+            t = _env.HANG_TIMEOUT_S.get_float()
+            object.__setattr__(self, "timeout_s", t)
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0
+                              or math.isinf(t)):
+            raise ConfigError("HangConfig.timeout_s", t, "a number of seconds > 0, or None for no detection")
+        if self.action not in _HANG_ACTIONS:
+            raise ConfigError("HangConfig.action", self.action, "one of " + ", ".join(_HANG_ACTIONS))
+        if self.dump not in _HANG_DUMPS:
+            raise ConfigError("HangConfig.dump", self.dump, "one of " + ", ".join(_HANG_DUMPS))
+
+
+def default_run_name() -> str:
+    """A name unique per run: time to the second plus random hex (no collisions in one second)."""
+    return time.strftime("trainkit_run-%Y-%m-%d_%H-%M-%S-") + secrets.token_hex(3)
+
+
+def _validate_storage_path(path: str) -> str:
+    if "://" in path:
+        scheme = path.split("://", 1)[0].lower()
+        if scheme not in _STORAGE_SCHEMES:
+            raise ConfigError("RunConfig.storage_path", path,
+                              "a local absolute path or a URI with scheme " +
+                              ", ".join(s + "://" for s in _STORAGE_SCHEMES if s))
+        if scheme in ("file", "local"):
+            return path.split("://", 1)[1]
+        return path
+    expanded = os.path.expanduser(path)
+    if not os.path.isabs(expanded):
+        raise ConfigError("RunConfig.storage_path", path,
+                          "an absolute path (or s3://, memory://)",
+                          hint=f"use {os.path.abspath(expanded)!r}")
+    return expanded
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run is stored, retried and watched.
+
+    ``name`` defaults to a unique ``trainkit_run-...``; ``storage_path`` defaults to
+    ``$TRAINKIT_STORAGE_PATH`` or ``~/trainkit_results``. A second ``fit()`` with the
+    same ``name`` and ``storage_path`` resumes from the run's latest checkpoint.
+    """
+
+    name: Optional[str] = None
+    storage_path: Optional[str] = None
+    storage_filesystem: Any = None
+    failure_config: Optional[FailureConfig] = None
+    checkpoint_config: Optional[CheckpointConfig] = None
+    hang_config: Optional[HangConfig] = None
+    callbacks: Optional[Sequence[Any]] = None
+    worker_runtime_env: Optional[dict] = None
+    verbose: Optional[int] = None
+
+    def __post_init__(self):
+        name = self.name or default_run_name()
+        if not isinstance(name, str):
+            raise ConfigError("RunConfig.name", self.name, "a string")
+        if "/" in name or "\\" in name or os.sep in name or name in (".", ".."):
+            raise ConfigError("RunConfig.name", name, "a name without path separators",
+                              hint="put the folder in storage_path")
+        object.__setattr__(self, "name", name)
+        sp = self.storage_path
+        if sp is None:
+            sp = _env.STORAGE_PATH.get()
+        sp = os.fspath(sp)
+        if self.storage_filesystem is None:
+            sp = _validate_storage_path(sp)
+        object.__setattr__(self, "storage_path", sp)
+        for fname, cls in (("failure_config", FailureConfig), ("checkpoint_config", CheckpointConfig),
+                           ("hang_config", HangConfig)):
+            v = getattr(self, fname)
+            if v is None:
+                object.__setattr__(self, fname, cls())
+            elif not isinstance(v, cls):
+                raise ConfigError(f"RunConfig.{fname}", v, f"a trainkit.{cls.__name__}")
+        cbs = list(self.callbacks or [])
+        for cb in cbs:
+            if isinstance(cb, type):
+                raise ConfigError("RunConfig.callbacks", cb, "callback instances, not classes")
+        object.__setattr__(self, "callbacks", tuple(cbs))

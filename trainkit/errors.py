@@ -1,0 +1,204 @@
+"""The one exception tree of trainkit.
+
+Every error trainkit raises on purpose is a ``TrainkitError``. User mistakes that a
+setting can fix are ``ConfigError`` (also a ``ValueError``) and name the field, the
+value seen and what is allowed. Failures of a run are ``TrainingFailedError`` and its
+kinds, as in Ray Train V2.
+
+Invariant: every exception here survives ``pickle`` (they cross Ray process
+boundaries), so each one that takes more than a message defines ``__reduce__``.
+Runs in every process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class TrainkitError(Exception):
+    """Root of every exception trainkit raises on purpose."""
+
+
+class ConfigError(TrainkitError, ValueError):
+    """A setting is invalid. The message names the field, the value and what is allowed.
+
+    >>> raise ConfigError("ScalingConfig.num_workers", -1, "an int >= 0 or a (min, max) tuple")
+    Traceback (most recent call last):
+    ...
+    trainkit.errors.ConfigError: ScalingConfig.num_workers=-1 is invalid: expected an int >= 0 or a (min, max) tuple
+    """
+
+    def __init__(self, field_name: str, value: Any = None, allowed: str = "", *, hint: str = ""):
+        self.field = field_name
+        self.value = value
+        self.allowed = allowed
+        self.hint = hint
+        if allowed:
+            msg = f"{field_name}={value!r} is invalid: expected {allowed}"
+        else:
+            msg = field_name  # free-form message
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+    def __reduce__(self):
+        return (_rebuild_config_error, (type(self), self.field, self.value, self.allowed, self.hint))
+
+
+def _rebuild_config_error(cls, field_name, value, allowed, hint):
+    return cls(field_name, value, allowed, hint=hint)
+
+
+class ScenarioError(ConfigError):
+    """A scenario file or fault plan is invalid: names the file, line and key path."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 key: str | None = None, suggestion: str | None = None):
+        self.path = path
+        self.line = line
+        self.key = key
+        self.suggestion = suggestion
+        self.message = message
+        where = ""
+        if path:
+            where = f"{path}:{line}: " if line else f"{path}: "
+        text = f"{where}{message}"
+        if suggestion:
+            text += f" (did you mean {suggestion!r}?)"
+        TrainkitError.__init__(self, text)
+        self.field = key or ""
+        self.value = None
+        self.allowed = ""
+        self.hint = ""
+
+    def __reduce__(self):
+        return (_rebuild_scenario_error, (type(self), self.message, self.path, self.line, self.key,
+                                          self.suggestion))
+
+
+def _rebuild_scenario_error(cls, message, path, line, key, suggestion):
+    return cls(message, path=path, line=line, key=key, suggestion=suggestion)
+
+
+class StorageError(TrainkitError):
+    """The run's storage cannot be reached, read or written."""
+
+
+class CheckpointError(TrainkitError):
+    """A checkpoint cannot be committed or read (for example two ranks wrote the same file)."""
+
+
+class SessionError(TrainkitError, RuntimeError):
+    """A per-rank API (``report``, ``get_context``, ...) was called outside a training function."""
+
+
+class ReportError(TrainkitError):
+    """``report()`` or a collective was used inconsistently across ranks."""
+
+
+@dataclass
+class WorkerFailure:
+    """What is known of one failed rank, JSON-serialisable (no exception objects)."""
+
+    world_rank: int
+    node_id: str = ""
+    pid: int | None = None
+    kind: str = "exception"  # exception | died | hang | preempted | mismatch
+    exc_type: str = ""
+    message: str = ""
+    traceback: str = ""
+    exit_code: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkerFailure":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def headline(self) -> str:
+        where = f"rank {self.world_rank}"
+        extra = []
+        if self.node_id:
+            extra.append(f"node {self.node_id[:12]}")
+        if self.pid:
+            extra.append(f"pid {self.pid}")
+        if self.exit_code is not None:
+            extra.append(f"exit code {self.exit_code}")
+        if extra:
+            where += " (" + ", ".join(extra) + ")"
+        what = f"{self.exc_type}: {self.message}" if self.exc_type else self.message
+        return f"{where}: {what}"
+
+
+class TrainingFailedError(TrainkitError):
+    """A run failed for good (retries exhausted or not retryable), as in Ray Train V2.
+
+    ``failures`` lists the failed ranks, root cause first.
+    """
+
+    _prefix = "Training failed"
+
+    def __init__(self, message: str = "", failures: list[WorkerFailure] | None = None):
+        self.message = message
+        self.failures = list(failures or [])
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [f"{self._prefix}: {self.message}" if self.message else self._prefix]
+        for f in self.failures:
+            parts.append(f"[{f.headline()}]")
+            if f.traceback:
+                parts.append(f.traceback.rstrip())
+        return "\n".join(parts)
+
+    @property
+    def worker_failures(self) -> dict[int, WorkerFailure]:
+        """Ray Train V2's spelling: world rank -> failure record."""
+        return {f.world_rank: f for f in self.failures}
+
+    def __reduce__(self):
+        return (_rebuild_failed, (type(self), self.message, [f.to_dict() for f in self.failures]))
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, "message": self.message,
+                "failures": [f.to_dict() for f in self.failures]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainingFailedError":
+        """Rebuild from ``to_dict()`` output (used by ``Result.from_path``; no unpickling)."""
+        cls = _FAILED_KINDS.get(d.get("type", ""), TrainingFailedError)
+        return cls(d.get("message", ""), [WorkerFailure.from_dict(f) for f in d.get("failures", [])])
+
+
+def _rebuild_failed(cls, message, failures):
+    return cls(message, [WorkerFailure.from_dict(f) for f in failures])
+
+
+class WorkerGroupError(TrainingFailedError):
+    """One or more ranks raised, died or disagreed; retries are exhausted."""
+
+    _prefix = "Training failed due to worker errors"
+
+
+class ControllerError(TrainingFailedError):
+    """The controller failed (bad callback, resources that can never be had, internal error)."""
+
+    _prefix = "Training failed due to controller error"
+
+
+class HangDetectedError(WorkerGroupError):
+    """Ranks waited at a report barrier for longer than the hang timeout."""
+
+    _prefix = "Training failed due to a hang"
+
+
+_FAILED_KINDS = {c.__name__: c for c in (TrainingFailedError, WorkerGroupError, ControllerError,
+                                         HangDetectedError)}
+
+__all__ = [
+    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "CheckpointError", "ReportError", "SessionError",
+    "WorkerFailure", "TrainingFailedError", "WorkerGroupError", "ControllerError", "HangDetectedError",
+]

@@ -1,0 +1,258 @@
+"""The run ledger: commits reports and checkpoints, keeps the manifest and the event stream.
+
+One ledger per run, in the process that coordinates it (the driver in local mode,
+rank 0 under torchrun, the controller actor with the ``ray`` backend). It is the only
+writer of ``run_state.json`` and ``events.jsonl``.
+
+Commit protocol: every rank has copied its checkpoint files into
+``<run>/<checkpoint dir>/`` before arriving at the report barrier; the ledger then
+checks the ranks' file lists, writes the manifest atomically (the commit point), applies
+retention and only then deletes dropped folders. Folders the manifest does not name are
+never handed out, and are removed when an attempt starts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from trainkit import events as ev
+from trainkit.checkpoint import Checkpoint
+from trainkit.config import CheckpointConfig
+from trainkit.errors import CheckpointError, StorageError, TrainingFailedError, WorkerFailure
+from trainkit.policies import CheckpointEntry, decide_retention
+from trainkit.result import Result
+from trainkit.storage import EVENTS, MANIFEST, RESERVED, RunStore
+
+MANIFEST_VERSION = 1
+
+
+def _new_state(name: str, ckpt_cfg: CheckpointConfig) -> dict:
+    return {
+        "version": MANIFEST_VERSION,
+        "name": name,
+        "status": "running",
+        "checkpoints": [],  # retained, commit order: {"index", "dir", "metrics", "attempt", "time"}
+        "latest_checkpoint": None,
+        "attempts": [],
+        "error": None,
+        "checkpoint_config": _ckpt_cfg_dict(ckpt_cfg),
+    }
+
+
+def _ckpt_cfg_dict(c: CheckpointConfig) -> dict:
+    return {"num_to_keep": c.num_to_keep, "checkpoint_score_attribute": c.checkpoint_score_attribute,
+            "checkpoint_score_order": c.checkpoint_score_order}
+
+
+def lineage(events: list) -> list[tuple[int, dict]]:
+    """(index, metrics) of the run's final lineage: a re-committed index drops what came after it."""
+    rows: list[tuple[int, dict]] = []
+    for e in events:
+        if isinstance(e, ev.ReportCommitted):
+            while rows and rows[-1][0] >= e.index:
+                rows.pop()
+            rows.append((e.index, dict(e.metrics)))
+    return rows
+
+
+def _entries(state: dict) -> list[CheckpointEntry]:
+    return [CheckpointEntry(c["index"], c["dir"], c.get("metrics") or {}) for c in state["checkpoints"]]
+
+
+class RunLedger:
+    """Commits reports for one run. Not thread-safe: one coordinator calls it."""
+
+    def __init__(self, store: RunStore, checkpoint_config: CheckpointConfig, *, backend: str = "",
+                 num_workers: Any = None):
+        self.store = store
+        self.config = checkpoint_config
+        store.ensure()
+        state = store.read_json(MANIFEST)
+        read = ev.parse_events(store.read_bytes(EVENTS) or b"")
+        self.events = ev.EventLog(store, read.events)
+        if state is None:
+            state = _new_state(store.name, checkpoint_config)
+        state["status"] = "running"
+        state["error"] = None
+        state["checkpoint_config"] = _ckpt_cfg_dict(checkpoint_config)
+        self.state = state
+        self._lineage = lineage(read.events)
+        self._drop_lineage_after(self.latest_index)
+        self.failures = 0  # per fit(), as in Ray Train
+        self.preemptions = 0
+        self._write()
+        self.events.emit(ev.RunStarted(name=store.name, path=store.uri, backend=backend,
+                                       num_workers=num_workers,
+                                       resumed_from_index=self.latest_index or None))
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def latest_index(self) -> int:
+        """Report index of the latest committed checkpoint (0: none)."""
+        d = self.state["latest_checkpoint"]
+        for c in self.state["checkpoints"]:
+            if c["dir"] == d:
+                return c["index"]
+        return 0
+
+    def latest_checkpoint(self) -> Optional[Checkpoint]:
+        d = self.state["latest_checkpoint"]
+        return Checkpoint(self.store.path(d), self.store.fs) if d else None
+
+    @property
+    def attempt(self) -> int:
+        return len(self.state["attempts"])
+
+    @property
+    def last_metrics(self) -> Optional[dict]:
+        return self._lineage[-1][1] if self._lineage else None
+
+    # -- attempts -------------------------------------------------------------------------
+    def start_attempt(self, world_size: int, ranks: list[dict] | None = None) -> int:
+        """Begin an attempt: remove uncommitted folders, record it. Returns its number (1-based)."""
+        self.clean_uncommitted()
+        self._drop_lineage_after(self.latest_index)
+        n = self.attempt + 1
+        self.state["attempts"].append({"attempt": n, "world_size": world_size, "started": time.time(),
+                                       "outcome": "running"})
+        self._write()
+        self.events.emit(ev.AttemptStarted(attempt=n, world_size=world_size, ranks=tuple(ranks or ()),
+                                           start_index=self.latest_index))
+        return n
+
+    def set_attempt_ranks(self, ranks: list[dict]) -> None:
+        """Record rank -> node/pid once the group is up (an event, so diagnose can find pids)."""
+        a = self.state["attempts"][-1]
+        self.events.emit(ev.AttemptStarted(attempt=a["attempt"], world_size=a["world_size"],
+                                           ranks=tuple(ranks), start_index=self.latest_index))
+
+    def end_attempt(self, outcome: str) -> None:
+        if self.state["attempts"]:
+            self.state["attempts"][-1].update(outcome=outcome, ended=time.time())
+
+    def clean_uncommitted(self) -> list[str]:
+        """Delete folders in the run directory that the manifest does not name."""
+        committed = {c["dir"] for c in self.state["checkpoints"]}
+        removed = []
+        for d in self.store.list_dirs():
+            if d not in committed and d not in RESERVED and not d.startswith("."):
+                self.store.delete_dir(d)
+                removed.append(d)
+        return removed
+
+    def _drop_lineage_after(self, index: int) -> None:
+        while self._lineage and self._lineage[-1][0] > index:
+            self._lineage.pop()
+
+    # -- commits ------------------------------------------------------------------------
+    def commit(self, attempt: int, index: int, metrics: dict, checkpoint_dir: Optional[str] = None,
+               rank_files: Optional[dict] = None, world_size: int = 1, barrier_s: float = 0.0) -> None:
+        """Commit report ``index``. ``rank_files`` maps world rank -> files it wrote."""
+        metrics = ev.jsonable(metrics)
+        if checkpoint_dir is not None:
+            _check_disjoint(rank_files or {}, checkpoint_dir)
+            entry = {"index": index, "dir": checkpoint_dir, "metrics": metrics, "attempt": attempt,
+                     "time": time.time()}
+            ckpts = [c for c in self.state["checkpoints"] if c["index"] < index or c["dir"] != checkpoint_dir]
+            ckpts.append(entry)
+            self.state["checkpoints"] = ckpts
+            self.state["latest_checkpoint"] = checkpoint_dir
+            entries = _entries(self.state)
+            retention = decide_retention(entries, self.config.num_to_keep,
+                                         self.config.checkpoint_score_attribute,
+                                         self.config.checkpoint_score_order)
+            kept = {id(e) for e in retention.keep}
+            self.state["checkpoints"] = [c for c, e in zip(ckpts, entries) if id(e) in kept]
+            keep_dirs = {e.dir for e in retention.keep}
+            self._write()  # the commit point
+            for e in retention.delete:
+                if e.dir not in keep_dirs:
+                    self.store.delete_dir(e.dir)
+        while self._lineage and self._lineage[-1][0] >= index:
+            self._lineage.pop()
+        self._lineage.append((index, metrics))
+        self.events.emit(ev.ReportCommitted(attempt=attempt, index=index, metrics=metrics,
+                                            checkpoint=checkpoint_dir, world_size=world_size,
+                                            barrier_s=round(barrier_s, 6)),
+                         flush=checkpoint_dir is not None)
+
+    # -- failures and the end ------------------------------------------------------------
+    def record_failure(self, attempt: int, failures: list[WorkerFailure], *, kind: str = "failure",
+                       will_retry: bool) -> None:
+        self.end_attempt(kind)
+        self.events.emit(ev.WorkerFailed(attempt=attempt, failures=tuple(f.to_dict() for f in failures),
+                                         kind=kind, will_retry=will_retry), flush=True)
+
+    def emit(self, event: ev.Event, flush: bool = False) -> None:
+        self.events.emit(event, flush=flush)
+
+    def finish(self, status: str, error: Optional[TrainingFailedError] = None) -> None:
+        self.end_attempt(status)
+        self.state["status"] = status
+        self.state["error"] = error.to_dict() if error is not None else None
+        self._write()
+        self.events.emit(ev.RunFinished(status=status, error=self.state["error"], attempts=self.attempt,
+                                        last_index=self._lineage[-1][0] if self._lineage else 0),
+                         flush=True)
+
+    def result(self, return_value: Any = None, error: Optional[BaseException] = None) -> Result:
+        return _build_result(self.store, self.state, self._lineage, return_value=return_value, error=error)
+
+    def _write(self) -> None:
+        self.store.write_json_atomic(MANIFEST, self.state)
+
+
+def _check_disjoint(rank_files: dict, checkpoint_dir: str) -> None:
+    seen: dict[str, int] = {}
+    for rank in sorted(rank_files):
+        for f in rank_files[rank] or ():
+            if f in seen:
+                raise CheckpointError(
+                    f"ranks {seen[f]} and {rank} both wrote {f!r} into {checkpoint_dir}: checkpoint files "
+                    "from different ranks are merged into one folder, so their names must differ "
+                    "(for example prefix them with the world rank)")
+            seen[f] = rank
+
+
+def _build_result(store: RunStore, state: dict, rows: list, *, return_value: Any = None,
+                  error: Optional[BaseException] = None) -> Result:
+    cfg = state.get("checkpoint_config") or {}
+    retention = decide_retention(_entries(state), cfg.get("num_to_keep"),
+                                 cfg.get("checkpoint_score_attribute"),
+                                 cfg.get("checkpoint_score_order", "max"))
+    best = [(Checkpoint(store.path(e.dir), store.fs), dict(e.metrics)) for e in retention.best]
+    latest = state.get("latest_checkpoint")
+    if error is None and state.get("error"):
+        error = TrainingFailedError.from_dict(state["error"])
+    return Result(
+        metrics=rows[-1][1] if rows else None,
+        checkpoint=Checkpoint(store.path(latest), store.fs) if latest else None,
+        path=store.run_path,
+        error=error,
+        best_checkpoints=best,
+        history=[m for _, m in rows],
+        return_value=return_value,
+        filesystem=store.fs,
+        attempts=len(state.get("attempts", [])),
+    )
+
+
+def split_run_path(path: str) -> tuple[str, str]:
+    """``/a/b/run`` -> (``/a/b``, ``run``); ``s3://bucket/x/run/`` -> (``s3://bucket/x``, ``run``)."""
+    p = path.rstrip("/")
+    if "/" not in p.split("://", 1)[-1]:
+        raise StorageError(f"{path!r} is not a run folder path (<storage_path>/<name>)")
+    parent, name = p.rsplit("/", 1)
+    return parent, name
+
+
+def load_result(path: str, filesystem: Any = None) -> Result:
+    parent, name = split_run_path(path)
+    store = RunStore(parent, name, filesystem)
+    state = store.read_json(MANIFEST)
+    if state is None:
+        raise StorageError(f"{store.uri} has no {MANIFEST}: it is not a trainkit run folder "
+                           "(or the run never started)")
+    read = ev.parse_events(store.read_bytes(EVENTS) or b"")
+    return _build_result(store, state, lineage(read.events))

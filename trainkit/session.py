@@ -1,0 +1,258 @@
+"""The per-rank API: ``report``, ``get_checkpoint``, ``get_context``, ``get_dataset_shard``.
+
+A ``_Session`` exists in a process while a training function runs there (the driver
+in local mode, each torchrun process, each Ray worker actor). It does the rank's half of
+a report (validate metrics, copy the checkpoint folder into the run directory) and hands
+the rest to a ``Coordinator``, which returns once every rank of the group arrived and
+the report is committed. Coordinators differ per mode: inline (local mode),
+torch.distributed (torchrun), the controller actor (``ray`` backend).
+
+Report indices are 1-based and follow the training's history: an attempt that resumes
+from the checkpoint of report k makes report k+1 next.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+from trainkit.checkpoint import Checkpoint
+from trainkit.errors import ConfigError, ReportError, SessionError
+from trainkit.storage import RunStore, is_local
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    world_rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    node_id: str = ""
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class ReportReply:
+    checkpoint_dir: Optional[str] = None  # the committed checkpoint folder, if this round had one
+
+
+@dataclass(frozen=True)
+class ReportedCheckpoint:
+    checkpoint: Checkpoint
+    metrics: dict
+
+
+class Coordinator(Protocol):
+    def report(self, world_rank: int, index: int, metrics: Optional[dict], checkpoint_dir: Optional[str],
+               files: Optional[list]) -> ReportReply: ...
+
+    def collective(self, world_rank: int, op: str, seq: int, payload: Any) -> Any: ...
+
+    def reported_checkpoints(self) -> list: ...
+
+
+class ReportHook(Protocol):
+    """Called in the rank's process around each report (fault injection uses this seam)."""
+
+    def before_report(self, ctx: "TrainContext", index: int, metrics: dict) -> None: ...
+
+    def after_report(self, ctx: "TrainContext", index: int, metrics: dict) -> None: ...
+
+
+def _find_tensor(obj: Any, path: str = "") -> Optional[str]:
+    t = type(obj)
+    if t.__module__.startswith("torch") and t.__name__ in ("Tensor", "Parameter"):
+        return path or "<metrics>"
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            hit = _find_tensor(v, f"{path}[{k!r}]")
+            if hit:
+                return hit
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            hit = _find_tensor(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def validate_metrics(metrics: Any) -> dict:
+    if not isinstance(metrics, dict):
+        raise ConfigError("report(metrics)", type(metrics).__name__, "a dict of metric name -> value")
+    hit = _find_tensor(metrics)
+    if hit:
+        raise ConfigError(f"report(metrics){hit}", "a torch.Tensor",
+                          "plain Python values: call .item() (or .tolist()) on tensors before reporting")
+    return metrics
+
+
+class _Session:
+    def __init__(self, info: RankInfo, store: RunStore, coordinator: Coordinator, *, experiment_name: str,
+                 start_checkpoint: Optional[Checkpoint] = None, start_index: int = 0,
+                 datasets: Optional[dict] = None, hooks: Optional[list] = None,
+                 preempted: Optional[threading.Event] = None):
+        self.info = info
+        self.store = store
+        self.coordinator = coordinator
+        self.experiment_name = experiment_name
+        self.checkpoint = start_checkpoint
+        self.index = start_index
+        self.datasets = datasets or {}
+        self.hooks = list(hooks or [])
+        self.preempted = preempted or threading.Event()
+        self._seq: dict[str, int] = {}
+        self._shards: dict[str, Any] = {}
+        self.context = TrainContext(self)
+
+    def report(self, metrics: dict, checkpoint: Optional[Checkpoint] = None,
+               checkpoint_dir_name: Optional[str] = None) -> None:
+        validate_metrics(metrics)
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            raise ConfigError("report(checkpoint)", type(checkpoint).__name__, "a trainkit.Checkpoint or None")
+        index = self.index + 1  # advanced only once the report is committed: a retry reuses it
+        for h in self.hooks:
+            fn = getattr(h, "before_report", None)
+            if fn:
+                fn(self.context, index, metrics)
+        dir_name = files = None
+        if checkpoint is not None:
+            dir_name = checkpoint_dir_name or f"checkpoint_{index}"
+            if "/" in dir_name or dir_name in (".", "..") or dir_name.startswith("."):
+                raise ConfigError("report(checkpoint_dir_name)", dir_name, "a folder name without '/'")
+            files = self.store.upload_dir(checkpoint.filesystem, checkpoint.path, dir_name)
+        reply = self.coordinator.report(self.info.world_rank, index,
+                                        metrics if self.info.world_rank == 0 else None, dir_name, files)
+        self.index = index
+        if reply.checkpoint_dir:
+            self.checkpoint = Checkpoint(self.store.path(reply.checkpoint_dir), self.store.fs)
+        for h in self.hooks:
+            fn = getattr(h, "after_report", None)
+            if fn:
+                fn(self.context, index, metrics)
+
+    def collective(self, op: str, payload: Any = None) -> Any:
+        seq = self._seq.get(op, 0) + 1
+        self._seq[op] = seq
+        return self.coordinator.collective(self.info.world_rank, op, seq, payload)
+
+    def get_dataset_shard(self, name: Optional[str]):
+        if name not in self.datasets:
+            raise KeyError(f"Dataset shard for {name!r} not found: the trainer has datasets "
+                           f"{sorted(self.datasets)}. Pass datasets={{{name!r}: ...}} to the trainer.")
+        if name not in self._shards:
+            from trainkit.data import make_shard
+
+            self._shards[name] = make_shard(self.datasets[name], self.info.world_rank, self.info.world_size)
+        return self._shards[name]
+
+
+class TrainContext:
+    """What a rank knows about itself and its run (``trainkit.get_context()``)."""
+
+    def __init__(self, session: _Session):
+        self._s = session
+
+    def get_world_rank(self) -> int:
+        return self._s.info.world_rank
+
+    def get_world_size(self) -> int:
+        return self._s.info.world_size
+
+    def get_local_rank(self) -> int:
+        return self._s.info.local_rank
+
+    def get_local_world_size(self) -> int:
+        return self._s.info.local_world_size
+
+    def get_node_rank(self) -> int:
+        return self._s.info.node_rank
+
+    def get_node_id(self) -> str:
+        return self._s.info.node_id
+
+    def get_attempt(self) -> int:
+        """1 for the first attempt of the run, 2 after the first restart, ..."""
+        return self._s.info.attempt
+
+    def get_experiment_name(self) -> str:
+        return self._s.experiment_name
+
+    def get_storage(self) -> RunStore:
+        return self._s.store
+
+    def get_report_index(self) -> int:
+        """Index of the last committed report of this rank (0 before the first)."""
+        return self._s.index
+
+    def is_preempted(self) -> bool:
+        """True once this rank was told to stop soon (SIGTERM, drained node): save a checkpoint."""
+        return self._s.preempted.is_set()
+
+
+_current: Optional[_Session] = None
+_lock = threading.Lock()
+
+
+def _set_session(s: Optional[_Session]) -> None:
+    global _current
+    with _lock:
+        _current = s
+
+
+def _require(fn_name: str) -> _Session:
+    s = _current
+    if s is None:
+        raise SessionError(f"`{fn_name}` cannot be used outside of a trainkit training function: call it "
+                           "inside the function you pass to TorchTrainer(...).fit()")
+    return s
+
+
+# -- public functions --------------------------------------------------------------------------
+def report(metrics: dict, checkpoint: Optional[Checkpoint] = None, checkpoint_dir_name: Optional[str] = None,
+           **_ignored: Any) -> None:
+    """Report metrics (and optionally a checkpoint) for this step. A barrier across ranks.
+
+    Returns on every rank once all ranks reported this index and the checkpoint is
+    committed. Metrics come from rank 0; checkpoint files from all ranks that pass one
+    are merged into one folder (names must not collide).
+
+    >>> trainkit.report({"loss": loss.item()}, checkpoint=Checkpoint.from_directory(d))  # doctest: +SKIP
+    """
+    _require("report").report(metrics, checkpoint, checkpoint_dir_name)
+
+
+def get_checkpoint() -> Optional[Checkpoint]:
+    """The checkpoint to resume from: the latest committed one (None at the start of a fresh run)."""
+    return _require("get_checkpoint").checkpoint
+
+
+def get_all_reported_checkpoints() -> list[ReportedCheckpoint]:
+    """The run's retained checkpoints with their metrics, oldest first."""
+    s = _require("get_all_reported_checkpoints")
+    return [ReportedCheckpoint(Checkpoint(s.store.path(d), s.store.fs), m)
+            for d, m in s.coordinator.reported_checkpoints()]
+
+
+def get_context() -> TrainContext:
+    """This rank's ``TrainContext`` (world rank and size, local rank, node rank, storage, attempt)."""
+    return _require("get_context").context
+
+
+def get_dataset_shard(dataset_name: Optional[str] = None):
+    """This rank's shard of ``datasets[dataset_name]`` passed to the trainer."""
+    return _require("get_dataset_shard").get_dataset_shard(dataset_name)
+
+
+def in_session() -> bool:
+    return _current is not None
+
+
+def _mismatch(op_a: str, seq_a: int, op_b: str, seq_b: int, ranks: str) -> ReportError:
+    return ReportError(f"ranks called different collectives: {op_a} #{seq_a} vs {op_b} #{seq_b} ({ranks}); "
+                       "every rank must call report()/barrier()/broadcast_from_rank_zero() in the same order")
+
+
+__all__ = ["report", "get_checkpoint", "get_all_reported_checkpoints", "get_context", "get_dataset_shard",
+           "TrainContext", "ReportedCheckpoint", "RankInfo", "ReportReply", "Coordinator"]

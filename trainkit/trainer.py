@@ -1,0 +1,112 @@
+"""``DataParallelTrainer``: validates a run before any worker starts, then hands it to a backend.
+
+``num_workers=0`` always runs locally (in this process, torchrun-aware); otherwise the
+backend is the ``backend=`` argument, else ``$TRAINKIT_BACKEND``, else ``ray``.
+Runs in the driver.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+from trainkit import _env
+from trainkit.backends import TrainSpec, get_backend
+from trainkit.config import RunConfig, ScalingConfig
+from trainkit.errors import ConfigError
+
+
+def _required_params(fn: Callable) -> int:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 0
+    return sum(1 for p in sig.parameters.values()
+               if p.default is inspect.Parameter.empty
+               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _takes_config(fn: Callable) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_var = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    return bool(params) or has_var
+
+
+def validate_train_fn(fn: Any) -> bool:
+    """Check the function before any worker starts; returns whether it takes the config."""
+    if not callable(fn):
+        raise ConfigError("train_loop_per_worker", fn, "a callable taking 0 or 1 arguments")
+    n = _required_params(fn)
+    if n > 1:
+        raise ConfigError("train_loop_per_worker", getattr(fn, "__name__", fn),
+                          f"a function with 0 or 1 required arguments (it has {n})",
+                          hint="take one `config` dict and pass values with train_loop_config")
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(fn)
+    except Exception as e:  # noqa: BLE001 - any pickling failure is the same user error
+        raise ConfigError("train_loop_per_worker", getattr(fn, "__name__", fn),
+                          "a function that can be pickled to worker processes",
+                          hint=f"{type(e).__name__}: {e}; do not capture locks, open files, sockets "
+                               "or clients; create them inside the function") from None
+    return _takes_config(fn)
+
+
+class DataParallelTrainer:
+    """Runs ``train_loop_per_worker`` on every rank.
+
+    >>> trainer = DataParallelTrainer(train_fn, scaling_config=ScalingConfig(num_workers=2))  # doctest: +SKIP
+    >>> result = trainer.fit()  # doctest: +SKIP
+    """
+
+    def __init__(self, train_loop_per_worker: Callable, *, train_loop_config: Optional[dict] = None,
+                 scaling_config: Optional[ScalingConfig] = None, run_config: Optional[RunConfig] = None,
+                 datasets: Optional[dict] = None, backend_config: Any = None, dataset_config: Any = None,
+                 backend: Optional[str] = None, **deprecated: Any):
+        for key in ("resume_from_checkpoint", "metadata"):
+            if deprecated.get(key) is not None:
+                raise ConfigError(key, "...", "not supported (as in Ray Train V2)",
+                                  hint="resume by re-running with the same RunConfig(name, storage_path)")
+        unknown = set(deprecated) - {"resume_from_checkpoint", "metadata"}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}")
+        self.takes_config = validate_train_fn(train_loop_per_worker)
+        if train_loop_config is not None and not isinstance(train_loop_config, dict):
+            raise ConfigError("train_loop_config", type(train_loop_config).__name__, "a dict or None")
+        scaling_config = scaling_config if scaling_config is not None else ScalingConfig()
+        run_config = run_config if run_config is not None else RunConfig()
+        if not isinstance(scaling_config, ScalingConfig):
+            raise ConfigError("scaling_config", scaling_config, "a trainkit.ScalingConfig")
+        if not isinstance(run_config, RunConfig):
+            raise ConfigError("run_config", run_config, "a trainkit.RunConfig")
+        if datasets is not None and not isinstance(datasets, dict):
+            raise ConfigError("datasets", type(datasets).__name__, "a dict of name -> dataset")
+        self.train_loop_per_worker = train_loop_per_worker
+        self.train_loop_config = train_loop_config
+        self.scaling_config = scaling_config
+        self.run_config = run_config
+        self.datasets = dict(datasets or {})
+        self.backend_config = backend_config
+        self.dataset_config = dataset_config
+        self.backend_name = "local" if scaling_config.local_mode else (backend or _env.BACKEND.get())
+        self._backend = get_backend(self.backend_name)  # unknown names fail here, before fit()
+
+    def _spec(self) -> TrainSpec:
+        return TrainSpec(train_fn=self.train_loop_per_worker, train_loop_config=self.train_loop_config,
+                         scaling_config=self.scaling_config, run_config=self.run_config,
+                         torch_config=self.backend_config, datasets=self.datasets,
+                         takes_config=self.takes_config)
+
+    def fit(self):
+        """Run training and return a ``Result``; raises ``TrainingFailedError`` if the run fails."""
+        return self._backend.run(self._spec())
+
+    @classmethod
+    def restore(cls, *args, **kwargs):
+        raise ConfigError("Trainer.restore", "...", "not supported (as in Ray Train V2)",
+                          hint="re-run fit() with the same RunConfig(name, storage_path) to resume")
