@@ -1,0 +1,161 @@
+"""The reference backend ``ray``: Ray core actors + torch.distributed. This module is the driver side.
+
+``fit()`` joins an initialised Ray, or ``RAY_ADDRESS``, or starts a local Ray; checks the
+storage; ships the training function (by value, so test modules need not be importable
+on workers) to this driver's controller actor; shows one live progress line on a
+terminal; and returns the ``Result`` or raises the run's ``TrainingFailedError``.
+Ctrl-C aborts the run and kills its workers. Runs in the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from trainkit import _env, backends
+from trainkit.storage import RunStore
+
+_controller_lock = threading.Lock()
+_controller: dict[str, Any] = {}  # Ray job id -> controller handle
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def get_controller():
+    """This driver's controller actor (created on first use, pinned to the driver's node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from trainkit.backends.ray.controller import ControllerActor
+
+    job = ray.get_runtime_context().get_job_id()
+    with _controller_lock:
+        handle = _controller.get(job)
+        if handle is not None:
+            try:
+                ray.get(handle.ping.remote(), timeout=30)
+                return handle
+            except Exception:  # noqa: BLE001 - dead controller: make a new one
+                _controller.pop(job, None)
+        node = ray.get_runtime_context().get_node_id()
+        handle = ControllerActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            max_concurrency=1000).remote()
+        _controller[job] = handle
+        return handle
+
+
+def release_warm_workers() -> None:
+    """Kill the idle warm workers of this driver's controller (frees their resources)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    handle = _controller.get(ray.get_runtime_context().get_job_id())
+    if handle is not None:
+        try:
+            ray.get(handle.shutdown.remote(), timeout=30)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def pickle_train_fn(fn) -> bytes:
+    """cloudpickle the function, by value for modules that workers may not be able to import."""
+    import cloudpickle
+
+    mod = sys.modules.get(getattr(fn, "__module__", "") or "")
+    by_value = (mod is not None and mod.__name__ not in ("__main__",) and not mod.__name__.startswith(
+        ("trainkit.", "torch", "ray")) and _is_user_module(mod))
+    if by_value:
+        cloudpickle.register_pickle_by_value(mod)
+    try:
+        return cloudpickle.dumps(fn)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(mod)
+
+
+def _is_user_module(mod) -> bool:
+    path = getattr(mod, "__file__", None) or ""
+    return bool(path) and "site-packages" not in path and "dist-packages" not in path
+
+
+class _Progress:
+    """One live line on a terminal: report index, latest metrics, world size, attempt."""
+
+    def __init__(self):
+        mode = _env.PROGRESS.get()
+        self.on = mode == "1" or (mode == "auto" and sys.stderr.isatty())
+        self._last = ""
+
+    def show(self, p: Optional[dict]) -> None:
+        if not self.on or not p:
+            return
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list((p.get("metrics") or {}).items())[:4])
+        line = (f"trainkit: report {p['index']} | world size {p['world_size']} | attempt {p['attempt']}"
+                f"{' | ' + metrics if metrics else ''}")
+        if line != self._last:
+            sys.stderr.write("\r\033[K" + line[:160])
+            sys.stderr.flush()
+            self._last = line
+
+    def close(self) -> None:
+        if self.on and self._last:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class RayBackend:
+    name = "ray"
+    capabilities = frozenset({backends.MULTI_WORKER, backends.FAULT_INJECTION, backends.ELASTIC,
+                              backends.VIRTUAL_NODES, backends.HANG_DIAGNOSTICS, backends.PREEMPTION,
+                              backends.DURABLE_REPORT})
+
+    def run(self, spec: backends.TrainSpec):
+        import ray
+
+        rc = spec.run_config
+        RunStore(rc.storage_path, rc.name, rc.storage_filesystem).ensure()  # fail before any worker starts
+        fn_bytes = pickle_train_fn(spec.train_fn)
+        ensure_ray()
+        controller = get_controller()
+        run_id = uuid.uuid4().hex
+        ref = controller.run.remote(run_id, spec, fn_bytes)
+        progress = _Progress()
+        try:
+            while True:
+                ready, _ = ray.wait([ref], timeout=0.5 if progress.on else 5.0)
+                if ready:
+                    break
+                if progress.on:
+                    progress.show(ray.get(controller.progress.remote(run_id)))
+        except KeyboardInterrupt:
+            try:
+                ray.get(controller.abort.remote(run_id), timeout=10)
+                ray.get(ref, timeout=30)
+            except Exception:  # noqa: BLE001 - the interrupt is what the user sees
+                pass
+            raise
+        finally:
+            progress.close()
+        status, payload = ray.get(ref)
+        if status == "error":
+            raise payload
+        return payload

@@ -1,0 +1,505 @@
+"""The controller: an async Ray actor (``num_cpus=0``) that runs fits on groups of ``RankWorker``s.
+
+One controller per driver process and cluster, reused across fits, so that healthy
+worker groups stay warm between fits (a new fit with the same shape reuses them).
+For each run it keeps the ``RunLedger``, the open barrier round and the attempt loop:
+
+    start group (placement group, actors, torch.distributed)  ->  run on every rank
+    ->  rounds: every rank arrives with the same (operation, sequence) key; the last
+        arrival commits (reports through the ledger) and releases all
+    ->  an exception, a dead actor or a mismatch ends the attempt: the group is killed
+        at once and restarted from the latest committed checkpoint while
+        ``FailureConfig.max_failures`` allows; past it the run fails.
+
+Runs in the controller actor's process. The controller dies with the driver, and the
+workers with the controller (Ray owner semantics), so no worker outlives its driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from trainkit import events as ev
+from trainkit.errors import (CheckpointError, ControllerError, ReportError, TrainingFailedError, WorkerFailure,
+                             WorkerGroupError)
+from trainkit.ledger import RunLedger
+from trainkit.policies import FailureDecision, count_fitting_workers, decide_failure, decide_group_size
+from trainkit.storage import RunStore
+
+from trainkit.backends.ray.worker import RankWorker
+
+_FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
+
+
+@dataclass
+class _Group:
+    key: tuple
+    pg: Any
+    workers: list  # in bundle order
+    infos: list  # setup() records, bundle order
+    ranks: list = field(default_factory=list)  # world rank -> bundle index
+
+    def kill(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@dataclass
+class _Round:
+    key: tuple  # ("report", index) or (op, seq)
+    started: float
+    arrivals: dict = field(default_factory=dict)  # world rank -> payload
+    fut: Optional[asyncio.Future] = None
+
+
+class _Run:
+    def __init__(self, run_id: str, spec, fn_bytes: bytes):
+        self.run_id = run_id
+        self.spec = spec
+        self.fn_bytes = fn_bytes
+        rc = spec.run_config
+        self.store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
+        self.ledger: Optional[RunLedger] = None
+        self.attempt = 0
+        self.world_size = 0
+        self.group: Optional[_Group] = None
+        self.round: Optional[_Round] = None
+        self.finished: dict[int, dict] = {}  # world rank -> run() record, this attempt
+        self.ended: Optional[asyncio.Future] = None  # set with a list of WorkerFailure to end the attempt
+        self.aborted = False
+        self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
+
+
+def _describe_ranks(ranks) -> str:
+    ranks = sorted(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+
+
+class Controller:
+    def __init__(self):
+        self.runs: dict[str, _Run] = {}
+        self.idle: list[_Group] = []
+
+    async def ping(self) -> bool:
+        return True
+
+    # -- the attempt loop ---------------------------------------------------------------
+    async def run(self, run_id: str, spec, fn_bytes: bytes):
+        run = _Run(run_id, spec, fn_bytes)
+        self.runs[run_id] = run
+        try:
+            return ("ok", await self._run(run))
+        except TrainingFailedError as e:
+            return ("error", e)
+        except Exception as e:  # noqa: BLE001 - an internal error still ends the run cleanly
+            import traceback
+
+            err = ControllerError(f"{type(e).__name__}: {e}", [WorkerFailure(
+                world_rank=-1, kind="controller", exc_type=type(e).__name__, message=str(e),
+                traceback=traceback.format_exc())])
+            if run.ledger is not None:
+                run.ledger.finish("failed", err)
+            return ("error", err)
+        finally:
+            self.runs.pop(run_id, None)
+
+    async def _run(self, run: _Run):
+        spec = run.spec
+        rc = spec.run_config
+        sc = spec.scaling_config
+        run.ledger = ledger = await asyncio.to_thread(
+            RunLedger, run.store, rc.checkpoint_config, backend="ray", num_workers=sc.num_workers)
+        for cb in rc.callbacks:
+            if hasattr(cb, "on_event"):
+                ledger.events.subscribe(cb.on_event)
+        hooks = [cb.worker_hook() for cb in rc.callbacks if hasattr(cb, "worker_hook")]
+        fc = rc.failure_config
+        while True:
+            size = await self._choose_size(run)
+            group = await self._start_group(run, size)
+            run.group = group
+            ranks = [{"world_rank": r, "local_rank": group.infos[b]["local_rank"],
+                      "node_rank": group.infos[b]["node_rank"], "node_id": group.infos[b]["node_id"],
+                      "pid": group.infos[b]["pid"]} for r, b in enumerate(group.ranks)]
+            run.attempt = ledger.start_attempt(size, ranks)
+            run.world_size = size
+            run.finished = {}
+            run.round = None
+            run.ended = asyncio.get_running_loop().create_future()
+            run.progress.update(attempt=run.attempt, world_size=size, status="running")
+            outcome, payload = await self._watch(run, group, hooks)
+            if outcome == "finished":
+                self._release(group, healthy=True)
+                run.group = None
+                ledger.finish("finished")
+                run.progress["status"] = "finished"
+                return ledger.result(return_value=payload)
+            self._release(group, healthy=False)
+            run.group = None
+            failures: list[WorkerFailure] = payload
+            if run.aborted:
+                err = WorkerGroupError("the run was aborted (Ctrl-C or a dead driver)", failures)
+                ledger.record_failure(run.attempt, failures, will_retry=False)
+                ledger.finish("aborted", err)
+                raise err
+            ledger.failures += 1
+            retryable = not any(f.kind == "mismatch" for f in failures)
+            decision = decide_failure(ledger.failures, fc.max_failures, retryable=retryable)
+            will_retry = decision is FailureDecision.RETRY
+            ledger.record_failure(run.attempt, failures, will_retry=will_retry)
+            if not will_retry:
+                why = ("ranks disagree about report()/collective calls" if not retryable else
+                       f"{ledger.failures} failure(s), max_failures={fc.max_failures}")
+                err = WorkerGroupError(f"{why}; root cause: {failures[0].headline()}", failures)
+                ledger.finish("failed", err)
+                run.progress["status"] = "failed"
+                raise err
+            ledger.emit(ev.GroupRestarted(attempt=run.attempt + 1, reason=failures[0].headline(),
+                                          from_index=ledger.latest_index))
+
+    async def _watch(self, run: _Run, group: _Group, hooks: list):
+        """Run every rank; return ("finished", rank-0 value) or ("failed", [WorkerFailure, ...])."""
+        spec = run.spec
+        start = {"dir": run.ledger.state["latest_checkpoint"], "index": run.ledger.latest_index}
+        me = ray.get_runtime_context().current_actor
+        tasks: dict[asyncio.Future, int] = {}
+        for r, b in enumerate(group.ranks):
+            info = {"world_rank": r, "world_size": run.world_size, "local_rank": group.infos[b]["local_rank"],
+                    "local_world_size": group.infos[b]["local_world_size"],
+                    "node_rank": group.infos[b]["node_rank"], "node_id": group.infos[b]["node_id"],
+                    "attempt": run.attempt}
+            log_path = (run.store.path("logs", f"attempt-{run.attempt}", f"rank-{r}.log")
+                        if run.store.local else None)
+            ref = group.workers[b].run.remote(run.fn_bytes, spec.takes_config, spec.train_loop_config, info,
+                                              run.store, me, run.run_id, start, spec.datasets, hooks, log_path)
+            tasks[asyncio.ensure_future(_resolve(ref))] = r
+        failures: list[WorkerFailure] = []
+        pending = set(tasks)
+        first_failure_at = None
+        while pending:
+            timeout = None
+            if first_failure_at is not None:
+                timeout = max(0.0, first_failure_at + _FAILURE_WINDOW_S - time.monotonic())
+            waiting = pending | {run.ended}
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break  # failure window over
+            if run.ended in done:
+                for f in run.ended.result():
+                    if all(f.world_rank != g.world_rank for g in failures):
+                        failures.append(f)
+                if first_failure_at is None:
+                    first_failure_at = time.monotonic()
+                run.ended = asyncio.get_running_loop().create_future()  # later failures go to the same list
+            for t in done - {run.ended}:
+                if t not in tasks:
+                    continue
+                pending.discard(t)
+                r = tasks[t]
+                rec = t.result()
+                info = group.infos[group.ranks[r]]
+                if "died" in rec:
+                    failures.append(WorkerFailure(world_rank=r, node_id=info["node_id"], pid=info["pid"],
+                                                  kind="died", exc_type="WorkerDied", message=rec["died"]))
+                elif rec.get("ok"):
+                    run.finished[r] = rec
+                    self._check_finished_rank(run, r, rec)
+                elif "failure" in rec:
+                    f = rec["failure"]
+                    kind = "mismatch" if f.get("mismatch") else "exception"
+                    if all(g.world_rank != r for g in failures):
+                        failures.append(WorkerFailure(world_rank=r, node_id=info["node_id"], pid=info["pid"],
+                                                      kind=kind, exc_type=f["exc_type"], message=f["message"],
+                                                      traceback=f["traceback"]))
+                # "interrupted": the controller ended the attempt; the reason is in failures already
+                if failures and first_failure_at is None:
+                    first_failure_at = time.monotonic()
+        if failures or len(run.finished) < run.world_size:
+            self._unblock_round(run, "the attempt ended")
+            for t in pending:
+                t.cancel()
+            if not failures:
+                failures.append(WorkerFailure(world_rank=-1, kind="interrupted", message="attempt interrupted"))
+            return "failed", _root_cause_first(failures)
+        return "finished", run.finished.get(0, {}).get("value")
+
+    def _check_finished_rank(self, run: _Run, rank: int, rec: dict) -> None:
+        """A rank returned: ranks still waiting in a round can never be released."""
+        rnd = run.round
+        if rnd is None or not rnd.arrivals:
+            return
+        waiting = sorted(rnd.arrivals)
+        op = rnd.key[0]
+        what = f"{op} #{rnd.key[1]}" if op != "report" else f"report {rnd.key[1]}"
+        err = ReportError(f"rank {rank} returned from the training function after {rec.get('index', 0)} "
+                          f"report(s) while {_describe_ranks(waiting)} wait in {what}: every rank must call "
+                          "report() (and collectives) the same number of times")
+        self._fail_round(run, err, [WorkerFailure(world_rank=rank, kind="mismatch", exc_type="ReportError",
+                                                  message=str(err))])
+
+    def _fail_round(self, run: _Run, err: Exception, failures: list[WorkerFailure]) -> None:
+        rnd, run.round = run.round, None
+        if rnd is not None and rnd.fut is not None and not rnd.fut.done():
+            rnd.fut.set_result(("error", err))
+        if run.ended is not None and not run.ended.done():
+            run.ended.set_result(failures)
+
+    def _unblock_round(self, run: _Run, why: str) -> None:
+        rnd, run.round = run.round, None
+        if rnd is not None and rnd.fut is not None and not rnd.fut.done():
+            rnd.fut.set_result(("stop", why))
+
+    # -- rounds: reports and collectives ------------------------------------------------
+    async def _arrive(self, run_id: str, attempt: int, rank: int, key: tuple, payload: Any):
+        run = self.runs.get(run_id)
+        if run is None or attempt != run.attempt or run.ended is None:
+            return ("stop", "this attempt is over")
+        if run.finished:
+            done = sorted(run.finished)
+            err = ReportError(f"rank {rank} called {key[0]} ({key[0]} {key[1]}) but {_describe_ranks(done)} "
+                              f"already returned from the training function after "
+                              f"{run.finished[done[0]].get('index', 0)} report(s): every rank must call "
+                              "report() the same number of times")
+            self._fail_round(run, err, [WorkerFailure(world_rank=rank, kind="mismatch", exc_type="ReportError",
+                                                      message=str(err))])
+            return ("error", err)
+        rnd = run.round
+        if rnd is None:
+            rnd = run.round = _Round(key, time.monotonic(), fut=asyncio.get_running_loop().create_future())
+        elif rnd.key != key:
+            a = f"{rnd.key[0]} {rnd.key[1]}"
+            err = ReportError(f"ranks called different operations: {_describe_ranks(rnd.arrivals)} in {a}, rank "
+                              f"{rank} in {key[0]} {key[1]}; every rank must call report() and collectives in "
+                              "the same order")
+            self._fail_round(run, err, [WorkerFailure(world_rank=rank, kind="mismatch", exc_type="ReportError",
+                                                      message=str(err))])
+            return ("error", err)
+        rnd.arrivals[rank] = payload
+        fut = rnd.fut
+        if len(rnd.arrivals) == run.world_size:
+            run.round = None
+            try:
+                value = await self._complete(run, rnd)
+                fut.set_result(("ok", value))
+            except Exception as e:  # noqa: BLE001 - every rank gets the error; the attempt ends
+                fut.set_result(("error", e))
+                if run.ended is not None and not run.ended.done():
+                    run.ended.set_result([WorkerFailure(world_rank=0, kind="exception", exc_type=type(e).__name__,
+                                                        message=str(e))])
+        return await asyncio.shield(fut)
+
+    async def _complete(self, run: _Run, rnd: _Round):
+        op = rnd.key[0]
+        if op == "report":
+            index = rnd.key[1]
+            dirs = {p[1] for p in rnd.arrivals.values() if p[1] is not None}
+            if len(dirs) > 1:
+                raise CheckpointError(f"report {index}: ranks used different checkpoint_dir_name values "
+                                      f"{sorted(dirs)}")
+            d = dirs.pop() if dirs else None
+            metrics = rnd.arrivals[0][0] or {}
+            files = {r: p[2] for r, p in rnd.arrivals.items() if p[1] is not None}
+            barrier_s = time.monotonic() - rnd.started
+            if run.store.local:
+                run.ledger.commit(run.attempt, index, metrics, d, files, world_size=run.world_size,
+                                  barrier_s=barrier_s)
+            else:
+                await asyncio.to_thread(run.ledger.commit, run.attempt, index, metrics, d, files,
+                                        world_size=run.world_size, barrier_s=barrier_s)
+            run.progress.update(index=index, metrics=metrics)
+            return d
+        if op == "reported_checkpoints":
+            return [(c["dir"], c["metrics"]) for c in run.ledger.state["checkpoints"]]
+        return rnd.arrivals[0]  # broadcast / barrier: rank 0's payload
+
+    async def report(self, run_id, attempt, rank, index, metrics, checkpoint_dir, files):
+        return await self._arrive(run_id, attempt, rank, ("report", index), (metrics, checkpoint_dir, files))
+
+    async def collective(self, run_id, attempt, rank, op, seq, payload):
+        return await self._arrive(run_id, attempt, rank, (op, seq), payload if rank == 0 else None)
+
+    async def reported_checkpoints(self, run_id, attempt):
+        run = self.runs.get(run_id)
+        if run is None or run.ledger is None:
+            return ("stop", "this attempt is over")
+        return ("ok", [(c["dir"], c["metrics"]) for c in run.ledger.state["checkpoints"]])
+
+    async def progress(self, run_id: str) -> Optional[dict]:
+        run = self.runs.get(run_id)
+        return dict(run.progress) if run else None
+
+    async def abort(self, run_id: str) -> bool:
+        run = self.runs.get(run_id)
+        if run is None:
+            return False
+        run.aborted = True
+        if run.ended is not None and not run.ended.done():
+            run.ended.set_result([WorkerFailure(world_rank=-1, kind="aborted", message="aborted by the driver")])
+        return True
+
+    async def shutdown(self) -> None:
+        for g in self.idle:
+            g.kill()
+        self.idle.clear()
+
+    # -- worker groups -------------------------------------------------------------------
+    async def _choose_size(self, run: _Run) -> int:
+        sc = run.spec.scaling_config
+        per_worker = sc.worker_resources
+        total = _resources_by_node(available=False)
+        if count_fitting_workers(total, per_worker) < sc.min_workers:
+            have = {r: sum(n.get(r, 0) for n in total.values()) for r in per_worker}
+            raise ControllerError(
+                f"the cluster can never hold {sc.min_workers} worker(s) of {per_worker}: it has {have} in "
+                f"{len(total)} node(s). Lower ScalingConfig.num_workers or resources_per_worker, or add nodes.")
+        if not sc.elastic:
+            return sc.max_workers
+        from trainkit import _env
+
+        deadline = time.monotonic() + float(_env.WORKER_START_TIMEOUT_S.get())
+        while True:
+            free = _resources_by_node(available=True)
+            for g in self.idle:  # warm idle groups hold resources that this run may take
+                for info in g.infos:
+                    node = free.setdefault(info["node_id"], {})
+                    for r, v in g.key[1]:
+                        node[r] = node.get(r, 0) + v
+            decision = decide_group_size(count_fitting_workers(free, per_worker), sc.min_workers, sc.max_workers)
+            if decision.world_size:
+                return decision.world_size
+            if time.monotonic() > deadline:
+                raise ControllerError(f"timed out waiting for resources: {decision.reason}")
+            await asyncio.sleep(0.2)
+
+    def _release(self, group: _Group, healthy: bool) -> None:
+        if healthy:
+            self.idle.append(group)
+        else:
+            group.kill()
+
+    async def _start_group(self, run: _Run, size: int) -> _Group:
+        sc = run.spec.scaling_config
+        res = sc.worker_resources
+        env = run.spec.run_config.worker_runtime_env
+        key = (size, tuple(sorted(res.items())), sc.placement_strategy, repr(env))
+        group = None
+        for g in list(self.idle):
+            if g.key == key:
+                self.idle.remove(g)
+                try:
+                    await asyncio.wait_for(asyncio.gather(*[w.ping.remote() for w in g.workers]), 5)
+                    group = g
+                    break
+                except Exception:  # noqa: BLE001 - a dead warm worker: drop the group
+                    g.kill()
+        if group is None:
+            for g in self.idle:  # free their resources for the new shape
+                g.kill()
+            self.idle.clear()
+            group = await self._new_group(run, size, res, key, env)
+        await self._init_torch(run, group)
+        return group
+
+    async def _new_group(self, run: _Run, size: int, res: dict, key: tuple, env) -> _Group:
+        from trainkit import _env
+
+        sc = run.spec.scaling_config
+        pg = placement_group([dict(res) for _ in range(size)], strategy=sc.placement_strategy)
+        timeout_s = float(_env.WORKER_START_TIMEOUT_S.get())
+        try:
+            await asyncio.wait_for(pg.ready(), timeout_s)
+        except asyncio.TimeoutError:
+            remove_placement_group(pg)
+            raise ControllerError(f"could not place {size} worker(s) of {res} with strategy "
+                                  f"{sc.placement_strategy} within {timeout_s:.0f} s "
+                                  "(TRAINKIT_WORKER_START_TIMEOUT_S); the cluster is busy or too small") from None
+        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory")}
+        workers = []
+        for i in range(size):
+            opts = dict(num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0), resources=custom or None,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+            if "memory" in res:
+                opts["memory"] = res["memory"]
+            if env:
+                opts["runtime_env"] = env
+            workers.append(RankWorker.options(**opts).remote())
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in workers]), timeout_s)
+        except Exception:
+            _Group(key, pg, workers, []).kill()
+            raise
+        return _Group(key, pg, workers, list(infos))
+
+    async def _init_torch(self, run: _Run, group: _Group) -> None:
+        # Ranks: grouped by node in order of first appearance; consecutive within a node.
+        order: list[str] = []
+        for info in group.infos:
+            if info["node_id"] not in order:
+                order.append(info["node_id"])
+        group.ranks = [b for node in order for b, info in enumerate(group.infos) if info["node_id"] == node]
+        per_node = {n: [b for b in group.ranks if group.infos[b]["node_id"] == n] for n in order}
+        for b, info in enumerate(group.infos):
+            node = info["node_id"]
+            info["local_rank"] = per_node[node].index(b)
+            info["local_world_size"] = len(per_node[node])
+            info["node_rank"] = order.index(node)
+        tc = run.spec.torch_config
+        use_gpu = run.spec.scaling_config.use_gpu
+        backend = getattr(tc, "backend", None) or ("nccl" if use_gpu else "gloo")
+        timeout_s = getattr(tc, "timeout_s", 1800)
+        rank0 = group.workers[group.ranks[0]]
+        port = await rank0.free_port.remote()
+        addr = group.infos[group.ranks[0]]["ip"]
+        calls = []
+        for r, b in enumerate(group.ranks):
+            info = dict(group.infos[b], world_rank=r, world_size=len(group.ranks))
+            cuda = None
+            if use_gpu:  # every rank sees its node's GPUs; local_rank picks one
+                cuda = ",".join(sorted({g for i in group.infos if i["node_id"] == info["node_id"]
+                                        for g in i["gpu_ids"]}))
+            calls.append(group.workers[b].init_process_group.remote(addr, port, info, backend, timeout_s, cuda))
+        await asyncio.wait_for(asyncio.gather(*calls), 120)
+
+
+async def _resolve(ref) -> dict:
+    try:
+        return await ref
+    except ray.exceptions.RayActorError as e:
+        return {"died": f"the worker process died: {str(e).splitlines()[0][:300]}"}
+    except Exception as e:  # noqa: BLE001 - any other Ray error is a failure of that rank
+        return {"died": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _root_cause_first(failures: list[WorkerFailure]) -> list[WorkerFailure]:
+    """User exceptions and deaths before the collateral damage (peers' broken collectives)."""
+    def weight(f: WorkerFailure) -> int:
+        collateral = "Connection closed by peer" in f.message or "Connection reset" in f.message
+        return 1 if collateral else 0
+
+    return sorted(failures, key=weight)
+
+
+def _resources_by_node(available: bool) -> dict:
+    from ray._private import state
+
+    per_node = state.available_resources_per_node() if available else state.total_resources_per_node()
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return {k: dict(v) for k, v in per_node.items() if k in alive}
+
+
+ControllerActor = ray.remote(num_cpus=0, max_restarts=0)(Controller)

@@ -1,0 +1,215 @@
+"""``RankWorker``: one Ray actor per rank. Runs in the worker process.
+
+The actor is threaded: ``run`` executes the training function in one of its threads
+and returns a small record (value or failure) when the function ends, so the
+controller learns of an exception at once and of a dead process from Ray. Other
+methods (ping, dump, preempt) stay answerable while training runs. A worker outlives
+one run: the controller keeps healthy groups warm and reuses them for the next fit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Optional
+
+import ray
+
+from trainkit.errors import ReportError, TrainkitError
+from trainkit.session import RankInfo, ReportReply, _Session, _set_session
+
+
+class _Interrupted(BaseException):
+    """Raised in a rank's training thread when the controller ends the attempt (resize, abort)."""
+
+
+class RayCoordinator:
+    """A rank's side of the report barrier: one call to the controller per round."""
+
+    def __init__(self, controller, run_id: str, attempt: int):
+        self.controller = controller
+        self.run_id = run_id
+        self.attempt = attempt
+
+    def _call(self, method: str, *args):
+        status, value = ray.get(getattr(self.controller, method).remote(self.run_id, self.attempt, *args))
+        if status == "error":
+            raise value
+        if status == "stop":
+            raise _Interrupted(value)
+        return value
+
+    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
+        return ReportReply(self._call("report", world_rank, index, metrics, checkpoint_dir, files))
+
+    def collective(self, world_rank, op, seq, payload):
+        return self._call("collective", world_rank, op, seq, payload)
+
+    def reported_checkpoints(self):
+        return self._call("reported_checkpoints")
+
+
+class _RankStream(io.TextIOBase):
+    """Writes each line to the process's stream with a ``[rank r]`` prefix, and to a log file."""
+
+    def __init__(self, inner, prefix: str, log):
+        self._inner = inner
+        self._prefix = prefix
+        self._log = log
+        self._buf = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        with self._lock:
+            self._buf += s
+            while "\n" in self._buf:
+                line, self._buf = self._buf.split("\n", 1)
+                self._inner.write(f"{self._prefix}{line}\n")
+                if self._log is not None:
+                    self._log.write(line + "\n")
+            self._inner.flush()
+            if self._log is not None:
+                self._log.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._buf:
+                self._inner.write(f"{self._prefix}{self._buf}")
+                if self._log is not None:
+                    self._log.write(self._buf)
+                self._buf = ""
+            self._inner.flush()
+
+
+@ray.remote(max_concurrency=8, max_restarts=0)
+class RankWorker:
+    def __init__(self):
+        self._preempted = threading.Event()
+        self._thread_ident: Optional[int] = None
+        self._session: Optional[_Session] = None
+        try:  # SIGTERM (a preemption notice) sets the flag; the controller kills after the grace period
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: self._preempted.set())
+        except ValueError:  # not the main thread
+            pass
+
+    def setup(self) -> dict:
+        import torch  # noqa: F401 - warm the import before the first run
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def preempt(self) -> None:
+        self._preempted.set()
+
+    def init_process_group(self, master_addr: str, master_port: int, info: dict, backend: str,
+                           timeout_s: float, cuda_visible: Optional[str]) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(info["world_rank"]),
+               "WORLD_SIZE": str(info["world_size"]), "LOCAL_RANK": str(info["local_rank"]),
+               "LOCAL_WORLD_SIZE": str(info["local_world_size"]), "NODE_RANK": str(info["node_rank"])}
+        os.environ.update(env)
+        if cuda_visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(info["local_rank"] % max(torch.cuda.device_count(), 1))
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=info["world_rank"], world_size=info["world_size"],
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+    def run(self, fn_bytes: bytes, takes_config: bool, config: Any, info: dict, store, controller,
+            run_id: str, start: dict, datasets: dict, hooks: list, log_path: Optional[str]) -> dict:
+        """Run the training function on this rank; return {"ok": value} or {"failure": {...}}."""
+        import cloudpickle
+
+        self._preempted.clear()
+        rank_info = RankInfo(**info)
+        ckpt = None
+        if start.get("dir"):
+            from trainkit.checkpoint import Checkpoint
+
+            ckpt = Checkpoint(store.path(start["dir"]), store.fs)
+        session = _Session(rank_info, store, RayCoordinator(controller, run_id, rank_info.attempt),
+                           experiment_name=store.name, start_checkpoint=ckpt, start_index=start.get("index", 0),
+                           datasets=datasets, hooks=hooks, preempted=self._preempted)
+        log = None
+        if log_path:
+            try:
+                os.makedirs(os.path.dirname(log_path), exist_ok=True)
+                log = open(log_path, "a")
+            except OSError:
+                log = None
+        old_out, old_err = sys.stdout, sys.stderr
+        prefix = f"[rank {rank_info.world_rank}] "
+        sys.stdout = _RankStream(old_out, prefix, log)
+        sys.stderr = _RankStream(old_err, prefix, log)
+        self._thread_ident = threading.get_ident()
+        self._session = session
+        _set_session(session)
+        try:
+            fn = cloudpickle.loads(fn_bytes)
+            value = fn(config if config is not None else {}) if takes_config else fn()
+            return {"ok": True, "value": value, "index": session.index}
+        except _Interrupted as e:
+            return {"ok": False, "interrupted": str(e), "index": session.index}
+        except BaseException as e:  # noqa: BLE001 - reported to the controller as this rank's failure
+            return {"ok": False, "index": session.index, "failure": {
+                "exc_type": type(e).__name__, "message": str(e),
+                "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)),
+                "trainkit": isinstance(e, TrainkitError), "mismatch": isinstance(e, ReportError)}}
+        finally:
+            _set_session(None)
+            self._session = None
+            self._thread_ident = None
+            for s in (sys.stdout, sys.stderr):
+                try:
+                    s.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+            sys.stdout, sys.stderr = old_out, old_err
+            if log is not None:
+                log.close()
+            try:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a broken group is torn down with the process anyway
+                pass
+
+    def stack(self) -> str:
+        """The Python stacks of this process's threads (the faulthandler-free fallback)."""
+        frames = sys._current_frames()
+        names = {t.ident: t.name for t in threading.enumerate()}
+        out = []
+        for ident, frame in frames.items():
+            label = "training thread" if ident == self._thread_ident else names.get(ident, "thread")
+            out.append(f"Thread {ident} ({label}):\n" + "".join(traceback.format_stack(frame)))
+        return "\n".join(out)
