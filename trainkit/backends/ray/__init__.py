@@ -9,6 +9,7 @@ Ctrl-C aborts the run and kills its workers. Runs in the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -137,7 +138,9 @@ class RayBackend:
         ensure_ray()
         controller = get_controller()
         run_id = uuid.uuid4().hex
-        ref = controller.run.remote(run_id, spec, fn_bytes)
+        # The function travels only as fn_bytes (by value): pickled inside the spec it would go by
+        # reference, and the controller cannot import a test module or a notebook's module.
+        ref = controller.run.remote(run_id, dataclasses.replace(spec, train_fn=None), fn_bytes)
         progress = _Progress()
         try:
             while True:

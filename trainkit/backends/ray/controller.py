@@ -31,10 +31,15 @@ from trainkit import events as ev
 from trainkit.errors import (CheckpointError, ControllerError, ReportError, TrainingFailedError, WorkerFailure,
                              WorkerGroupError)
 from trainkit.ledger import RunLedger
-from trainkit.policies import FailureDecision, count_fitting_workers, decide_failure, decide_group_size
+from trainkit.policies import (FailureDecision, count_fitting_workers, decide_failure, decide_group_size,
+                               decide_resize)
 from trainkit.storage import RunStore
 
 from trainkit.backends.ray.worker import RankWorker
+
+class _NotPlaced(Exception):
+    """An elastic group of this size could not be placed quickly; try a smaller one."""
+
 
 _FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
 
@@ -82,6 +87,10 @@ class _Run:
         self.finished: dict[int, dict] = {}  # world rank -> run() record, this attempt
         self.ended: Optional[asyncio.Future] = None  # set with a list of WorkerFailure to end the attempt
         self.aborted = False
+        self.preempted: dict[int, tuple] = {}  # world rank -> (node_id, deadline), this attempt
+        self.stop: Optional[WorkerFailure] = None  # set at a commit: end the attempt after it (resize, preemption)
+        self.last_resize_check = 0.0
+        self.suspect: dict[str, float] = {}  # node id -> when a worker died there (may be a lost node)
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
 
 
@@ -105,6 +114,10 @@ class Controller:
         try:
             return ("ok", await self._run(run))
         except TrainingFailedError as e:
+            # Errors raised before an attempt ends (resources that can never fit, placement
+            # timeouts) have not finished the ledger yet: Result.from_path must show them too.
+            if run.ledger is not None and run.ledger.state.get("status") == "running":
+                run.ledger.finish("failed", e)
             return ("error", e)
         except Exception as e:  # noqa: BLE001 - an internal error still ends the run cleanly
             import traceback
@@ -129,9 +142,20 @@ class Controller:
                 ledger.events.subscribe(cb.on_event)
         hooks = [cb.worker_hook() for cb in rc.callbacks if hasattr(cb, "worker_hook")]
         fc = rc.failure_config
+        last_size = 0
         while True:
             size = await self._choose_size(run)
-            group = await self._start_group(run, size)
+            while True:
+                try:
+                    group = await self._start_group(run, size, quick=sc.elastic and size > sc.min_workers)
+                    break
+                except _NotPlaced:
+                    # elastic: a lost node may still look alive; a failed grow falls back to the old size
+                    size = max(size - 1, sc.min_workers, last_size if last_size < size else 0)
+            if last_size and size != last_size:
+                ledger.emit(ev.Resized(attempt=run.attempt + 1, old_world_size=last_size, new_world_size=size,
+                                       reason="grow" if size > last_size else "shrink"))
+            last_size = size
             run.group = group
             ranks = [{"world_rank": r, "local_rank": group.infos[b]["local_rank"],
                       "node_rank": group.infos[b]["node_rank"], "node_id": group.infos[b]["node_id"],
@@ -140,6 +164,8 @@ class Controller:
             run.world_size = size
             run.finished = {}
             run.round = None
+            run.preempted = {}
+            run.stop = None
             run.ended = asyncio.get_running_loop().create_future()
             run.progress.update(attempt=run.attempt, world_size=size, status="running")
             outcome, payload = await self._watch(run, group, hooks)
@@ -150,6 +176,7 @@ class Controller:
                 run.progress["status"] = "finished"
                 return ledger.result(return_value=payload)
             self._release(group, healthy=False)
+            await _wait_removed(group)  # its resources must be free before the next group is placed
             run.group = None
             failures: list[WorkerFailure] = payload
             if run.aborted:
@@ -157,11 +184,22 @@ class Controller:
                 ledger.record_failure(run.attempt, failures, will_retry=False)
                 ledger.finish("aborted", err)
                 raise err
-            ledger.failures += 1
+            if failures[0].kind == "resize":
+                ledger.end_attempt("resized")
+                continue
+            preemption = any(f.kind == "preempted" for f in failures)
+            if preemption:
+                ledger.preemptions += 1
+                await self._wait_preempted_nodes(run)
+            else:
+                ledger.failures += 1
             retryable = not any(f.kind == "mismatch" for f in failures)
-            decision = decide_failure(ledger.failures, fc.max_failures, retryable=retryable)
+            decision = decide_failure(ledger.failures, fc.max_failures, retryable=retryable,
+                                      preemption=preemption, preemptions_so_far=ledger.preemptions,
+                                      max_preemptions=fc.max_preemptions)
             will_retry = decision is FailureDecision.RETRY
-            ledger.record_failure(run.attempt, failures, will_retry=will_retry)
+            ledger.record_failure(run.attempt, failures, will_retry=will_retry,
+                                  kind="preemption" if preemption else "failure")
             if not will_retry:
                 why = ("ranks disagree about report()/collective calls" if not retryable else
                        f"{ledger.failures} failure(s), max_failures={fc.max_failures}")
@@ -214,8 +252,10 @@ class Controller:
                 rec = t.result()
                 info = group.infos[group.ranks[r]]
                 if "died" in rec:
+                    kind = "preempted" if r in run.preempted else "died"
+                    run.suspect[info["node_id"]] = time.monotonic()
                     failures.append(WorkerFailure(world_rank=r, node_id=info["node_id"], pid=info["pid"],
-                                                  kind="died", exc_type="WorkerDied", message=rec["died"]))
+                                                  kind=kind, exc_type="WorkerDied", message=rec["died"]))
                 elif rec.get("ok"):
                     run.finished[r] = rec
                     self._check_finished_rank(run, r, rec)
@@ -295,7 +335,12 @@ class Controller:
             run.round = None
             try:
                 value = await self._complete(run, rnd)
-                fut.set_result(("ok", value))
+                if run.stop is not None and rnd.key[0] == "report":
+                    fut.set_result(("stop", run.stop.message))
+                    if run.ended is not None and not run.ended.done():
+                        run.ended.set_result([run.stop])
+                else:
+                    fut.set_result(("ok", value))
             except Exception as e:  # noqa: BLE001 - every rank gets the error; the attempt ends
                 fut.set_result(("error", e))
                 if run.ended is not None and not run.ended.done():
@@ -322,10 +367,50 @@ class Controller:
                 await asyncio.to_thread(run.ledger.commit, run.attempt, index, metrics, d, files,
                                         world_size=run.world_size, barrier_s=barrier_s)
             run.progress.update(index=index, metrics=metrics)
+            self._after_commit(run, index, d)
             return d
         if op == "reported_checkpoints":
             return [(c["dir"], c["metrics"]) for c in run.ledger.state["checkpoints"]]
         return rnd.arrivals[0]  # broadcast / barrier: rank 0's payload
+
+    def _after_commit(self, run: _Run, index: int, checkpoint_dir: Optional[str]) -> None:
+        """At a report boundary: end the attempt for a preemption, or to grow an elastic group."""
+        if run.preempted:
+            ranks = sorted(run.preempted)
+            run.stop = WorkerFailure(world_rank=ranks[0], node_id=run.preempted[ranks[0]][0], kind="preempted",
+                                     exc_type="Preempted",
+                                     message=f"{_describe_ranks(ranks)} preempted; stopped after report {index}")
+            return
+        sc = run.spec.scaling_config
+        now = time.monotonic()
+        if not sc.elastic or checkpoint_dir is None or run.world_size >= sc.max_workers or \
+                now - run.last_resize_check < 1.0:
+            return
+        run.last_resize_check = now
+        extra = count_fitting_workers(_trusted(run, _resources_by_node(available=True)), sc.worker_resources)
+        target = decide_resize(run.world_size, extra, sc.min_workers, sc.max_workers)
+        if target:
+            run.stop = WorkerFailure(world_rank=-1, kind="resize", message=(
+                f"capacity for {target} workers: growing from {run.world_size} after report {index}"))
+
+    async def preempted(self, run_id: str, attempt: int, rank: int, grace_s: float) -> None:
+        run = self.runs.get(run_id)
+        if run is None or attempt != run.attempt or run.group is None:
+            return
+        info = run.group.infos[run.group.ranks[rank]]
+        run.preempted[rank] = (info["node_id"], time.monotonic() + grace_s)
+        run.ledger.emit(ev.Preempted(attempt=attempt, world_ranks=(rank,), node_id=info["node_id"],
+                                     grace_s=grace_s))
+
+    async def _wait_preempted_nodes(self, run: _Run) -> None:
+        """Before a restart, let preempted nodes that are going away go (bounded by their grace)."""
+        pending = dict(run.preempted.values())
+        while pending:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            now = time.monotonic()
+            pending = {n: d for n, d in pending.items() if n in alive and now < d + 5.0}
+            if pending:
+                await asyncio.sleep(0.2)
 
     async def report(self, run_id, attempt, rank, index, metrics, checkpoint_dir, files):
         return await self._arrive(run_id, attempt, rank, ("report", index), (metrics, checkpoint_dir, files))
@@ -379,7 +464,10 @@ class Controller:
                     node = free.setdefault(info["node_id"], {})
                     for r, v in g.key[1]:
                         node[r] = node.get(r, 0) + v
-            decision = decide_group_size(count_fitting_workers(free, per_worker), sc.min_workers, sc.max_workers)
+            fitting = count_fitting_workers(_trusted(run, free), per_worker)
+            if fitting < sc.min_workers:  # suspect nodes may be fine after all (a killed worker, not a lost node)
+                fitting = count_fitting_workers(free, per_worker)
+            decision = decide_group_size(fitting, sc.min_workers, sc.max_workers)
             if decision.world_size:
                 return decision.world_size
             if time.monotonic() > deadline:
@@ -392,7 +480,7 @@ class Controller:
         else:
             group.kill()
 
-    async def _start_group(self, run: _Run, size: int) -> _Group:
+    async def _start_group(self, run: _Run, size: int, quick: bool = False) -> _Group:
         sc = run.spec.scaling_config
         res = sc.worker_resources
         env = run.spec.run_config.worker_runtime_env
@@ -411,20 +499,22 @@ class Controller:
             for g in self.idle:  # free their resources for the new shape
                 g.kill()
             self.idle.clear()
-            group = await self._new_group(run, size, res, key, env)
+            group = await self._new_group(run, size, res, key, env, quick)
         await self._init_torch(run, group)
         return group
 
-    async def _new_group(self, run: _Run, size: int, res: dict, key: tuple, env) -> _Group:
+    async def _new_group(self, run: _Run, size: int, res: dict, key: tuple, env, quick: bool = False) -> _Group:
         from trainkit import _env
 
         sc = run.spec.scaling_config
         pg = placement_group([dict(res) for _ in range(size)], strategy=sc.placement_strategy)
         timeout_s = float(_env.WORKER_START_TIMEOUT_S.get())
         try:
-            await asyncio.wait_for(pg.ready(), timeout_s)
+            await asyncio.wait_for(pg.ready(), 5.0 if quick else timeout_s)
         except asyncio.TimeoutError:
             remove_placement_group(pg)
+            if quick:
+                raise _NotPlaced() from None
             raise ControllerError(f"could not place {size} worker(s) of {res} with strategy "
                                   f"{sc.placement_strategy} within {timeout_s:.0f} s "
                                   "(TRAINKIT_WORKER_START_TIMEOUT_S); the cluster is busy or too small") from None
@@ -476,6 +566,19 @@ class Controller:
         await asyncio.wait_for(asyncio.gather(*calls), 120)
 
 
+async def _wait_removed(group: _Group, timeout_s: float = 10.0) -> None:
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if placement_group_table(group.pg).get("state") == "REMOVED":
+                return
+        except Exception:  # noqa: BLE001 - unknown group: nothing to wait for
+            return
+        await asyncio.sleep(0.05)
+
+
 async def _resolve(ref) -> dict:
     try:
         return await ref
@@ -492,6 +595,15 @@ def _root_cause_first(failures: list[WorkerFailure]) -> list[WorkerFailure]:
         return 1 if collateral else 0
 
     return sorted(failures, key=weight)
+
+
+_SUSPECT_S = 30.0
+
+
+def _trusted(run: _Run, per_node: dict) -> dict:
+    """Leave out nodes where a worker died lately: a lost node looks alive until Ray notices."""
+    now = time.monotonic()
+    return {n: r for n, r in per_node.items() if now - run.suspect.get(n, -1e9) > _SUSPECT_S}
 
 
 def _resources_by_node(available: bool) -> dict:

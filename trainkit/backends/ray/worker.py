@@ -96,10 +96,11 @@ class RankWorker:
         self._preempted = threading.Event()
         self._thread_ident: Optional[int] = None
         self._session: Optional[_Session] = None
-        try:  # SIGTERM (a preemption notice) sets the flag; the controller kills after the grace period
+        self._run_ref: Optional[tuple] = None  # (controller, run_id, attempt, world_rank) while running
+        try:  # SIGTERM is a preemption notice: the function sees is_preempted() and can checkpoint
             import signal
 
-            signal.signal(signal.SIGTERM, lambda *_: self._preempted.set())
+            signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=self.preempt, daemon=True).start())
         except ValueError:  # not the main thread
             pass
 
@@ -118,8 +119,13 @@ class RankWorker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def preempt(self) -> None:
+    def preempt(self, grace_s: float = 0.0) -> None:
+        """Mark this rank preempted (also on SIGTERM) and tell the controller."""
         self._preempted.set()
+        ref = self._run_ref
+        if ref is not None:
+            controller, run_id, attempt, rank = ref
+            controller.preempted.remote(run_id, attempt, rank, float(grace_s))
 
     def init_process_group(self, master_addr: str, master_port: int, info: dict, backend: str,
                            timeout_s: float, cuda_visible: Optional[str]) -> None:
@@ -172,6 +178,7 @@ class RankWorker:
         sys.stderr = _RankStream(old_err, prefix, log)
         self._thread_ident = threading.get_ident()
         self._session = session
+        self._run_ref = (controller, run_id, rank_info.attempt, rank_info.world_rank)
         _set_session(session)
         try:
             fn = cloudpickle.loads(fn_bytes)
@@ -187,6 +194,7 @@ class RankWorker:
         finally:
             _set_session(None)
             self._session = None
+            self._run_ref = None
             self._thread_ident = None
             for s in (sys.stdout, sys.stderr):
                 try:
