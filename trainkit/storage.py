@@ -210,9 +210,9 @@ class RunStore:
         """Copy a checkpoint folder into ``<run>/<rel_dest>/`` (merged). Returns relative file names."""
         dest = self.path(rel_dest)
         try:
+            if is_local(src_fs) and not os.path.isdir(src_path):
+                raise FileNotFoundError(f"checkpoint folder {src_path!r} does not exist")
             if self.local and is_local(src_fs):
-                if not os.path.isdir(src_path):
-                    raise FileNotFoundError(f"checkpoint folder {src_path!r} does not exist")
                 return copy_local_tree(src_path, dest)
             if is_local(src_fs):
                 files = _walk_local(src_path)

@@ -20,7 +20,7 @@ import traceback
 from typing import Any, Optional
 
 from trainkit import backends
-from trainkit.errors import (ReportError, TrainingFailedError, TrainkitError, WorkerFailure,
+from trainkit.errors import (ReportError, TrainingFailedError, WorkerFailure,
                              WorkerGroupError)
 from trainkit.ledger import RunLedger, load_result
 from trainkit.policies import FailureDecision, decide_failure
@@ -76,6 +76,8 @@ class TorchDistCoordinator:
         if self.rank == 0:
             try:
                 ops = {(m[0], m[1]) for m in gathered}
+                if len(ops) > 1 and any(m[0] == "finish" for m in gathered):
+                    raise _finish_mismatch(gathered)
                 if len(ops) > 1:
                     desc = ", ".join(f"rank {r}: {m[0]} #{m[1]}" for r, m in enumerate(gathered))
                     (a_op, a_seq), (b_op, b_seq) = sorted(ops)[:2]
@@ -108,11 +110,26 @@ class TorchDistCoordinator:
         return self._round((op, seq, payload if world_rank == 0 else None, None, None),
                            lambda gathered: gathered[0][2])
 
+    def finish(self, reports: int) -> None:
+        """Every rank returned from the training function; ``reports`` is this rank's report count."""
+        self._round(("finish", 1, reports, None, None), lambda gathered: None)
+
     def reported_checkpoints(self):
         def listing(_g):
             return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
 
         return self._round(("reported_checkpoints", 0, None, None, None), listing)
+
+
+def _finish_mismatch(gathered: list) -> ReportError:
+    def state(m):
+        if m[0] == "finish":
+            return f"returned after {m[2]} report(s)"
+        return f"is waiting at report {m[1]}" if m[0] == "report" else f"is waiting at {m[0]} #{m[1]}"
+
+    ranks = ", ".join(f"rank {r} {state(m)}" for r, m in enumerate(gathered))
+    return ReportError(f"report() mismatch: {ranks}; every rank must call report() (and barrier(), "
+                       "broadcast_from_rank_zero()) the same number of times")
 
 
 def _failure_from(exc: BaseException, world_rank: int) -> WorkerFailure:
@@ -233,19 +250,23 @@ def _run_torchrun(spec: backends.TrainSpec, env: dict):
     try:
         try:
             value = _call(spec)
-        except TrainkitError as e:
-            if ledger is not None:
-                ledger.finish("failed", e if isinstance(e, TrainingFailedError) else
-                              WorkerGroupError(str(e), [_failure_from(e, rank)]))
-            raise
+            # A rank that returns while others still report is a mismatch, found here at once.
+            coord.finish(session.index)
         except Exception as e:  # noqa: BLE001
-            err = WorkerGroupError(f"rank {rank} raised {type(e).__name__}", [_failure_from(e, rank)])
+            # fit() raises what Result.from_path will show: one TrainingFailedError in every mode.
+            if isinstance(e, TrainingFailedError):
+                err = e
+            else:
+                failure = _failure_from(e, rank)
+                if isinstance(e, ReportError):
+                    failure.kind = "mismatch"
+                err = WorkerGroupError(f"rank {rank} raised {type(e).__name__}", [failure])
             if ledger is not None:
                 ledger.record_failure(attempt, err.failures, will_retry=False)
                 ledger.finish("failed", err)
+            if err is e:
+                raise
             raise err from e
-        # A rank that returns while others still report is a mismatch, found here at once.
-        coord.collective(rank, "finish", 1, None)
         if ledger is not None:
             ledger.finish("finished")
             result = ledger.result(return_value=value)

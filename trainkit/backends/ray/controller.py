@@ -90,6 +90,7 @@ class _Run:
         self.preempted: dict[int, tuple] = {}  # world rank -> (node_id, deadline), this attempt
         self.stop: Optional[WorkerFailure] = None  # set at a commit: end the attempt after it (resize, preemption)
         self.last_resize_check = 0.0
+        self.grow_backoff_s = 1.0  # doubled after a grow that could not be placed
         self.suspect: dict[str, float] = {}  # node id -> when a worker died there (may be a lost node)
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
 
@@ -151,6 +152,8 @@ class Controller:
                     break
                 except _NotPlaced:
                     # elastic: a lost node may still look alive; a failed grow falls back to the old size
+                    if last_size and last_size < size:
+                        run.grow_backoff_s = min(run.grow_backoff_s * 2, 60.0)
                     size = max(size - 1, sc.min_workers, last_size if last_size < size else 0)
             if last_size and size != last_size:
                 ledger.emit(ev.Resized(attempt=run.attempt + 1, old_world_size=last_size, new_world_size=size,
@@ -384,7 +387,7 @@ class Controller:
         sc = run.spec.scaling_config
         now = time.monotonic()
         if not sc.elastic or checkpoint_dir is None or run.world_size >= sc.max_workers or \
-                now - run.last_resize_check < 1.0:
+                now - run.last_resize_check < run.grow_backoff_s:
             return
         run.last_resize_check = now
         extra = count_fitting_workers(_trusted(run, _resources_by_node(available=True)), sc.worker_resources)
@@ -510,7 +513,7 @@ class Controller:
         pg = placement_group([dict(res) for _ in range(size)], strategy=sc.placement_strategy)
         timeout_s = float(_env.WORKER_START_TIMEOUT_S.get())
         try:
-            await asyncio.wait_for(pg.ready(), 5.0 if quick else timeout_s)
+            await asyncio.wait_for(pg.ready(), 10.0 if quick else timeout_s)
         except asyncio.TimeoutError:
             remove_placement_group(pg)
             if quick:
