@@ -246,3 +246,27 @@ class RunConfig:
             if isinstance(cb, type):
                 raise ConfigError("RunConfig.callbacks", cb, "callback instances, not classes")
         object.__setattr__(self, "callbacks", tuple(cbs))
+
+
+_BACKENDS = (None, "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class TorchConfig:
+    """torch.distributed settings: ``backend`` None picks NCCL with GPUs, else gloo.
+
+    Re-exported as ``trainkit.torch.TorchConfig``; defined here so that the controller,
+    which unpickles it, never imports torch.
+    """
+
+    backend: Optional[str] = None
+    timeout_s: float = 1800
+    init_method: str = "env"
+
+    def __post_init__(self):
+        if self.backend not in _BACKENDS:
+            raise ConfigError("TorchConfig.backend", self.backend, "None, 'gloo' or 'nccl'")
+        if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) or self.timeout_s <= 0:
+            raise ConfigError("TorchConfig.timeout_s", self.timeout_s, "a number of seconds > 0")
+        if self.init_method not in ("env", "tcp"):
+            raise ConfigError("TorchConfig.init_method", self.init_method, "'env' or 'tcp'")

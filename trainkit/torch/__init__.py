@@ -9,35 +9,15 @@ batches to the device. Runs in workers (``TorchTrainer`` in the driver).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from trainkit.config import TorchConfig
 from trainkit.errors import ConfigError
 from trainkit.session import _require
 from trainkit.trainer import DataParallelTrainer
-
-_BACKENDS = (None, "gloo", "nccl")
-
-
-@dataclass(frozen=True)
-class TorchConfig:
-    """torch.distributed settings: ``backend`` None picks NCCL with GPUs, else gloo."""
-
-    backend: Optional[str] = None
-    timeout_s: float = 1800
-    init_method: str = "env"
-
-    def __post_init__(self):
-        if self.backend not in _BACKENDS:
-            raise ConfigError("TorchConfig.backend", self.backend, "None, 'gloo' or 'nccl'")
-        if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) or self.timeout_s <= 0:
-            raise ConfigError("TorchConfig.timeout_s", self.timeout_s, "a number of seconds > 0")
-        if self.init_method not in ("env", "tcp"):
-            raise ConfigError("TorchConfig.init_method", self.init_method, "'env' or 'tcp'")
-
 
 class TorchTrainer(DataParallelTrainer):
     """A data-parallel PyTorch trainer.

@@ -91,6 +91,8 @@ class _Run:
         self.stop: Optional[WorkerFailure] = None  # set at a commit: end the attempt after it (resize, preemption)
         self.last_resize_check = 0.0
         self.grow_backoff_s = 1.0  # doubled after a grow that could not be placed
+        self.returned: set[int] = set()  # world ranks whose run() returned (their process is reusable)
+        self.carry: Optional[_Group] = None  # a repaired group for the next attempt
         self.suspect: dict[str, float] = {}  # node id -> when a worker died there (may be a lost node)
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
 
@@ -166,6 +168,7 @@ class Controller:
             run.attempt = ledger.start_attempt(size, ranks)
             run.world_size = size
             run.finished = {}
+            run.returned = set()
             run.round = None
             run.preempted = {}
             run.stop = None
@@ -178,10 +181,15 @@ class Controller:
                 ledger.finish("finished")
                 run.progress["status"] = "finished"
                 return ledger.result(return_value=payload)
-            self._release(group, healthy=False)
-            await _wait_removed(group)  # its resources must be free before the next group is placed
-            run.group = None
             failures: list[WorkerFailure] = payload
+            reusable = {group.ranks[r] for r in run.returned}
+            if not sc.elastic and reusable and failures[0].kind not in ("resize", "preempted") and not run.aborted:
+                # keep the ranks that returned; start only the dead or stuck ones (one worker start)
+                run.carry = await self._repair(run, group, reusable)
+            else:
+                self._release(group, healthy=False)
+                await _wait_removed(group)  # its resources must be free before the next group is placed
+            run.group = None
             if run.aborted:
                 err = WorkerGroupError("the run was aborted (Ctrl-C or a dead driver)", failures)
                 ledger.record_failure(run.attempt, failures, will_retry=False)
@@ -204,6 +212,9 @@ class Controller:
             ledger.record_failure(run.attempt, failures, will_retry=will_retry,
                                   kind="preemption" if preemption else "failure")
             if not will_retry:
+                if run.carry is not None:
+                    run.carry.kill()
+                    run.carry = None
                 why = ("ranks disagree about report()/collective calls" if not retryable else
                        f"{ledger.failures} failure(s), max_failures={fc.max_failures}")
                 err = WorkerGroupError(f"{why}; root cause: {failures[0].headline()}", failures)
@@ -259,7 +270,9 @@ class Controller:
                     run.suspect[info["node_id"]] = time.monotonic()
                     failures.append(WorkerFailure(world_rank=r, node_id=info["node_id"], pid=info["pid"],
                                                   kind=kind, exc_type="WorkerDied", message=rec["died"]))
-                elif rec.get("ok"):
+                else:
+                    run.returned.add(r)
+                if rec.get("ok"):
                     run.finished[r] = rec
                     self._check_finished_rank(run, r, rec)
                 elif "failure" in rec:
@@ -489,6 +502,12 @@ class Controller:
         env = run.spec.run_config.worker_runtime_env
         key = (size, tuple(sorted(res.items())), sc.placement_strategy, repr(env))
         group = None
+        if run.carry is not None:
+            carried, run.carry = run.carry, None
+            if carried.key == key:
+                await self._init_torch(run, carried)
+                return carried
+            carried.kill()
         for g in list(self.idle):
             if g.key == key:
                 self.idle.remove(g)
@@ -521,22 +540,39 @@ class Controller:
             raise ControllerError(f"could not place {size} worker(s) of {res} with strategy "
                                   f"{sc.placement_strategy} within {timeout_s:.0f} s "
                                   "(TRAINKIT_WORKER_START_TIMEOUT_S); the cluster is busy or too small") from None
-        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory")}
-        workers = []
-        for i in range(size):
-            opts = dict(num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0), resources=custom or None,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-            if "memory" in res:
-                opts["memory"] = res["memory"]
-            if env:
-                opts["runtime_env"] = env
-            workers.append(RankWorker.options(**opts).remote())
+        workers = [_make_worker(pg, i, res, env) for i in range(size)]
         try:
             infos = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in workers]), timeout_s)
         except Exception:
             _Group(key, pg, workers, []).kill()
             raise
         return _Group(key, pg, workers, list(infos))
+
+    async def _repair(self, run: _Run, group: _Group, reusable: set) -> Optional[_Group]:
+        """Replace the workers of ``group`` outside ``reusable`` (bundle indices) in the same placement group."""
+        from trainkit import _env
+
+        res = dict(group.key[1])
+        env = run.spec.run_config.worker_runtime_env
+        workers, infos = list(group.workers), list(group.infos)
+        fresh = {}
+        for b, w in enumerate(group.workers):
+            if b not in reusable:
+                try:
+                    ray.kill(w, no_restart=True)
+                except Exception:  # noqa: BLE001 - already dead
+                    pass
+                workers[b] = fresh[b] = _make_worker(group.pg, b, res, env)
+        try:
+            got = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in fresh.values()]),
+                                         float(_env.WORKER_START_TIMEOUT_S.get()))
+        except Exception:  # noqa: BLE001 - cannot repair in place: start a whole new group
+            _Group(group.key, group.pg, workers, infos).kill()
+            await _wait_removed(group)
+            return None
+        for b, info in zip(fresh, got):
+            infos[b] = info
+        return _Group(group.key, group.pg, workers, infos)
 
     async def _init_torch(self, run: _Run, group: _Group) -> None:
         # Ranks: grouped by node in order of first appearance; consecutive within a node.
@@ -567,6 +603,17 @@ class Controller:
                                         for g in i["gpu_ids"]}))
             calls.append(group.workers[b].init_process_group.remote(addr, port, info, backend, timeout_s, cuda))
         await asyncio.wait_for(asyncio.gather(*calls), 120)
+
+
+def _make_worker(pg, bundle_index: int, res: dict, env):
+    custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory")}
+    opts = dict(num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0), resources=custom or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index))
+    if "memory" in res:
+        opts["memory"] = res["memory"]
+    if env:
+        opts["runtime_env"] = env
+    return RankWorker.options(**opts).remote()
 
 
 async def _wait_removed(group: _Group, timeout_s: float = 10.0) -> None:
