@@ -92,8 +92,9 @@ def _alive(pids) -> list[int]:
 
 def _assert_dead(pids, timeout: float = DEAD_WITHIN_S) -> None:
     pids = sorted(set(pids))
-    left = _wait_until(lambda: not _alive(pids), timeout) or _alive(pids)
-    assert not _alive(pids), f"worker processes still alive {timeout:.0f} s after their group ended: {left}"
+    _wait_until(lambda: not _alive(pids), timeout)
+    left = _alive(pids)
+    assert not left, f"worker processes still alive {timeout:.0f} s after their group ended: {left}"
 
 
 _WARM_PIDS: set[int] = set()  # last attempts of successful runs: the warm groups
