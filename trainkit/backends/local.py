@@ -277,5 +277,13 @@ def _run_torchrun(spec: backends.TrainSpec, env: dict):
         return result
     finally:
         _set_session(None)
+        # Drop every reference to the gloo side group before destroying the process group:
+        # one kept alive until interpreter exit aborts the process (SIGABRT) after a good run.
+        coord.group = None
+        session.coordinator = None
+        group = None
+        import gc
+
+        gc.collect()
         if owned:
             dist.destroy_process_group()
