@@ -13,16 +13,19 @@ never handed out, and are removed when an attempt starts.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
 from trainkit import events as ev
 from trainkit.checkpoint import Checkpoint
 from trainkit.config import CheckpointConfig
-from trainkit.errors import CheckpointError, StorageError, TrainingFailedError, WorkerFailure
+from trainkit.errors import StorageError, TrainingFailedError, WorkerFailure
 from trainkit.policies import CheckpointEntry, decide_retention
 from trainkit.result import Result
 from trainkit.storage import EVENTS, MANIFEST, RESERVED, RunStore
+
+logger = logging.getLogger("trainkit")
 
 MANIFEST_VERSION = 1
 
@@ -67,6 +70,7 @@ class RunLedger:
                  num_workers: Any = None):
         self.store = store
         self.config = checkpoint_config
+        self._warned_shared = False
         store.ensure()
         state = store.read_json(MANIFEST)
         read = ev.parse_events(store.read_bytes(EVENTS) or b"")
@@ -151,7 +155,7 @@ class RunLedger:
         """Commit report ``index``. ``rank_files`` maps world rank -> files it wrote."""
         metrics = ev.jsonable(metrics)
         if checkpoint_dir is not None:
-            _check_disjoint(rank_files or {}, checkpoint_dir)
+            self._warn_shared_names(rank_files or {}, checkpoint_dir)
             entry = {"index": index, "dir": checkpoint_dir, "metrics": metrics, "attempt": attempt,
                      "time": time.time()}
             ckpts = [c for c in self.state["checkpoints"] if c["index"] < index or c["dir"] != checkpoint_dir]
@@ -187,6 +191,28 @@ class RunLedger:
     def emit(self, event: ev.Event, flush: bool = False) -> None:
         self.events.emit(event, flush=flush)
 
+    def record_fault(self, fields: dict) -> bool:
+        """Emit a ``fault_injected`` event from its fields, unless one with the same ``detail["key"]`` is
+        already in the stream (a fault fires once per run, across attempts and ranks). Returns whether emitted."""
+        key = (fields.get("detail") or {}).get("key")
+        if key is not None and any(isinstance(e, ev.FaultInjected) and e.detail.get("key") == key
+                                   for e in self.events.events):
+            return False
+        self.events.emit(ev.FaultInjected(**fields), flush=True)
+        return True
+
+    def _warn_shared_names(self, rank_files: dict, checkpoint_dir: str) -> None:
+        """Several ranks saving the same file (the Ray docs' DDP loop saves model.pt on every rank)
+        is allowed, as in Ray Train: each file is written atomically and one rank's copy is kept.
+        Said once per run, since the copies are usually identical and the extra uploads are waste."""
+        shared = shared_names(rank_files)
+        if shared and not self._warned_shared:
+            self._warned_shared = True
+            name, ranks = next(iter(sorted(shared.items())))
+            logger.warning("ranks %s all wrote %r (and %d more shared name(s)) into %s; one copy is kept. "
+                           "Save checkpoint files on rank 0 only, or give each rank its own file names.",
+                           ranks, name, len(shared) - 1, checkpoint_dir)
+
     def finish(self, status: str, error: Optional[TrainingFailedError] = None) -> None:
         self.end_attempt(status)
         self.state["status"] = status
@@ -203,16 +229,13 @@ class RunLedger:
         self.store.write_json_atomic(MANIFEST, self.state)
 
 
-def _check_disjoint(rank_files: dict, checkpoint_dir: str) -> None:
-    seen: dict[str, int] = {}
+def shared_names(rank_files: dict) -> dict[str, list[int]]:
+    """File names that more than one rank wrote into one checkpoint folder -> those ranks."""
+    by_name: dict[str, list[int]] = {}
     for rank in sorted(rank_files):
         for f in rank_files[rank] or ():
-            if f in seen:
-                raise CheckpointError(
-                    f"ranks {seen[f]} and {rank} both wrote {f!r} into {checkpoint_dir}: checkpoint files "
-                    "from different ranks are merged into one folder, so their names must differ "
-                    "(for example prefix them with the world rank)")
-            seen[f] = rank
+            by_name.setdefault(f, []).append(rank)
+    return {f: ranks for f, ranks in by_name.items() if len(ranks) > 1}
 
 
 def _build_result(store: RunStore, state: dict, rows: list, *, return_value: Any = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import tempfile
 import uuid
 from typing import Any, Iterable
@@ -31,6 +32,33 @@ EVENTS = "events.jsonl"
 DIAGNOSTICS = "diagnostics"
 LOGS = "logs"
 RESERVED = frozenset({MANIFEST, EVENTS, DIAGNOSTICS, LOGS, ".trainkit_marker"})
+
+# Writes are retried (object stores throttle and drop requests); every try passes the fault point,
+# where fault_injection installs a hook (called with the operation and path) that may raise OSError.
+WRITE_TRIES = 4
+_fault_hook = None
+
+
+def set_fault_hook(hook) -> None:
+    """Install ``hook(operation, path)`` ("write" or "upload"), called before every try; None removes it."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+def _retrying(operation: str, path: str, fn):
+    import time
+
+    for attempt in range(WRITE_TRIES):
+        try:
+            if _fault_hook is not None:
+                _fault_hook(operation, path)
+            return fn()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError:
+            if attempt == WRITE_TRIES - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
 
 
 def resolve_filesystem(path: str, filesystem: Any = None):
@@ -71,7 +99,10 @@ def copy_local_tree(src: str, dst: str) -> list[str]:
         target_root = dst if rel_root == "." else os.path.join(dst, rel_root)
         os.makedirs(target_root, exist_ok=True)
         for n in names:
-            shutil.copyfile(os.path.join(root, n), os.path.join(target_root, n))
+            # copy then rename: two ranks writing the same name never leave a torn file
+            tmp = os.path.join(target_root, f".{n}.{os.getpid()}.{threading.get_ident()}.part")
+            shutil.copyfile(os.path.join(root, n), tmp)
+            os.replace(tmp, os.path.join(target_root, n))
             files.append(n if rel_root == "." else os.path.join(rel_root, n))
     return files
 
@@ -155,6 +186,9 @@ class RunStore:
             raise StorageError(f"{self.path(rel)} is not valid JSON: {e}") from e
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        _retrying("write", self.path(rel), lambda: self._write_bytes_atomic(rel, data))
+
+    def _write_bytes_atomic(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
         if self.local:
             tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
@@ -169,6 +203,9 @@ class RunStore:
 
     def append_text(self, rel: str, text: str) -> None:
         """Append on local disk; rewrite the whole object elsewhere (object stores cannot append)."""
+        _retrying("write", self.path(rel), lambda: self._append_text(rel, text))
+
+    def _append_text(self, rel: str, text: str) -> None:
         p = self.path(rel)
         if self.local:
             with open(p, "a") as f:
@@ -210,26 +247,29 @@ class RunStore:
         """Copy a checkpoint folder into ``<run>/<rel_dest>/`` (merged). Returns relative file names."""
         dest = self.path(rel_dest)
         try:
-            if is_local(src_fs) and not os.path.isdir(src_path):
-                raise FileNotFoundError(f"checkpoint folder {src_path!r} does not exist")
-            if self.local and is_local(src_fs):
-                return copy_local_tree(src_path, dest)
-            if is_local(src_fs):
-                files = _walk_local(src_path)
-                self.fs.makedirs(dest, exist_ok=True)
-                if files:
-                    self.fs.put([os.path.join(src_path, f) for f in files],
-                                [f"{dest}/{f.replace(os.sep, '/')}" for f in files])
-                return files
-            # remote -> anywhere: go through a local temp folder
-            with tempfile.TemporaryDirectory(prefix="trainkit_ckpt_") as tmp:
-                src_fs.get(src_path.rstrip("/") + "/", tmp + "/", recursive=True)
-                return self.upload_dir(_local_fs(), tmp, rel_dest)
+            return _retrying("upload", dest, lambda: self._upload_dir(src_fs, src_path, dest, rel_dest))
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"uploading checkpoint to {to_uri(self.fs, dest)} failed: "
                                f"{type(e).__name__}: {e}") from e
+
+    def _upload_dir(self, src_fs, src_path: str, dest: str, rel_dest: str) -> list[str]:
+        if is_local(src_fs) and not os.path.isdir(src_path):
+            raise FileNotFoundError(f"checkpoint folder {src_path!r} does not exist")
+        if self.local and is_local(src_fs):
+            return copy_local_tree(src_path, dest)
+        if is_local(src_fs):
+            files = _walk_local(src_path)
+            self.fs.makedirs(dest, exist_ok=True)
+            if files:
+                self.fs.put([os.path.join(src_path, f) for f in files],
+                            [f"{dest}/{f.replace(os.sep, '/')}" for f in files])
+            return files
+        # remote -> anywhere: go through a local temp folder
+        with tempfile.TemporaryDirectory(prefix="trainkit_ckpt_") as tmp:
+            src_fs.get(src_path.rstrip("/") + "/", tmp + "/", recursive=True)
+            return self.upload_dir(_local_fs(), tmp, rel_dest)
 
 
 def _walk_local(src: str) -> list[str]:

@@ -105,9 +105,6 @@ def _fit_in_thread(config, scaling, run_config):
     return t, out
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known issue: after a node loss the controller can flap between sizes because a freshly released "
-    "placement group is not placeable within the quick timeout on a loaded 2-core machine; see the issue note"))
 def test_elastic_group_shrinks_on_node_loss_and_grows_back_when_a_node_returns(cluster, tmp_path):
     c, nodes = cluster
     work = str(tmp_path / "work")

@@ -240,7 +240,8 @@ def _cnn_train_func(config):
         metrics = {"loss": loss.item(), "epoch": epoch, "epoch_loss": total / n, "rank": rank}
         with tempfile.TemporaryDirectory() as temp_checkpoint_dir:
             checkpoint = None
-            if rank == 0:
+            # the getting-started guide saves on every rank; the DDP guide on rank 0 only: both work
+            if rank == 0 or config.get("save_on_every_rank"):
                 torch.save(model.module.state_dict(), os.path.join(temp_checkpoint_dir, "model.pt"))
                 checkpoint = Checkpoint.from_directory(temp_checkpoint_dir)
             trainkit.report(metrics, checkpoint=checkpoint)
@@ -394,6 +395,9 @@ def test_checkpoints_from_both_ranks_are_merged_on_moto_s3(ray_up, tmp_path, mon
     assert [e["index"] for e in _of_type(events, "report_committed")] == [1, 2]
     assert _of_type(events, "run_finished")[-1]["status"] == "finished"
     _WARM_PIDS.update(_attempt_pids(events)[1].values())
+    # each rank's log is uploaded when its run ends
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/s3run/logs/attempt-1")) == \
+        ["rank-0.log", "rank-1.log"]
 
     loaded = Result.from_path(f"s3://{bucket}/runs/s3run")
     assert loaded.error is None
@@ -611,7 +615,8 @@ def test_max_failures_exhausted_raises_worker_group_error_after_three_attempts(s
 # -- 1b. four workers (a new group shape: last, so the 2-worker group is reused above) ----------
 def test_four_workers_train_the_docs_cnn_with_gloo_ddp(storage_path, tmp_path):
     out = str(tmp_path / "seen")
-    result = _fit(_cnn_train_func, storage_path, "cnn4", workers=4, config={"epochs": 2, "out": out})
+    result = _fit(_cnn_train_func, storage_path, "cnn4", workers=4,
+                  config={"epochs": 2, "out": out, "save_on_every_rank": True})
     _check_cnn_run(result, out, os.path.join(storage_path, "cnn4"), workers=4, epochs=2)
 
 

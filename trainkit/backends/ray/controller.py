@@ -18,6 +18,7 @@ workers with the controller (Ray owner semantics), so no worker outlives its dri
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainkit import events as ev
-from trainkit.errors import (CheckpointError, ControllerError, ReportError, TrainingFailedError, WorkerFailure,
-                             WorkerGroupError)
+from trainkit.diagnostics import hang as hang_monitor
+from trainkit.errors import (CheckpointError, ControllerError, HangDetectedError, ReportError, TrainingFailedError,
+                             WorkerFailure, WorkerGroupError)
 from trainkit.ledger import RunLedger
 from trainkit.policies import (FailureDecision, count_fitting_workers, decide_failure, decide_group_size,
                                decide_resize)
@@ -40,6 +42,8 @@ from trainkit.backends.ray.worker import RankWorker
 class _NotPlaced(Exception):
     """An elastic group of this size could not be placed quickly; try a smaller one."""
 
+
+logger = logging.getLogger("trainkit.controller")
 
 _FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
 
@@ -91,9 +95,12 @@ class _Run:
         self.stop: Optional[WorkerFailure] = None  # set at a commit: end the attempt after it (resize, preemption)
         self.last_resize_check = 0.0
         self.grow_backoff_s = 1.0  # doubled after a grow that could not be placed
+        self.grow_probe: Optional[asyncio.Future] = None  # a placement probe for extra workers, in flight
+        self.grow_ready = 0  # extra workers a probe could place: grow at the next checkpointed report
         self.returned: set[int] = set()  # world ranks whose run() returned (their process is reusable)
         self.carry: Optional[_Group] = None  # a repaired group for the next attempt
         self.suspect: dict[str, float] = {}  # node id -> when a worker died there (may be a lost node)
+        self.hang_error = None  # set by the hang monitor (HangConfig(action="fail")): the run ends with it
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
 
 
@@ -157,6 +164,7 @@ class Controller:
                     if last_size and last_size < size:
                         run.grow_backoff_s = min(run.grow_backoff_s * 2, 60.0)
                     size = max(size - 1, sc.min_workers, last_size if last_size < size else 0)
+            logger.debug("run %s: starting a group of %d (last %d)", run.run_id, size, last_size)
             if last_size and size != last_size:
                 ledger.emit(ev.Resized(attempt=run.attempt + 1, old_world_size=last_size, new_world_size=size,
                                        reason="grow" if size > last_size else "shrink"))
@@ -172,6 +180,10 @@ class Controller:
             run.round = None
             run.preempted = {}
             run.stop = None
+            run.grow_ready = 0
+            if run.grow_probe is not None:
+                run.grow_probe.cancel()
+                run.grow_probe = None
             run.ended = asyncio.get_running_loop().create_future()
             run.progress.update(attempt=run.attempt, world_size=size, status="running")
             outcome, payload = await self._watch(run, group, hooks)
@@ -183,12 +195,15 @@ class Controller:
                 return ledger.result(return_value=payload)
             failures: list[WorkerFailure] = payload
             reusable = {group.ranks[r] for r in run.returned}
-            if not sc.elastic and reusable and failures[0].kind not in ("resize", "preempted") and not run.aborted:
+            if not sc.elastic and reusable and failures[0].kind not in ("resize", "preempted") and not run.aborted \
+                    and run.hang_error is None:
                 # keep the ranks that returned; start only the dead or stuck ones (one worker start)
                 run.carry = await self._repair(run, group, reusable)
             else:
+                before = _resources_by_node(available=True)
                 self._release(group, healthy=False)
                 await _wait_removed(group)  # its resources must be free before the next group is placed
+                await self._settle(run, group, before)
             run.group = None
             if run.aborted:
                 err = WorkerGroupError("the run was aborted (Ctrl-C or a dead driver)", failures)
@@ -204,20 +219,22 @@ class Controller:
                 await self._wait_preempted_nodes(run)
             else:
                 ledger.failures += 1
-            retryable = not any(f.kind == "mismatch" for f in failures)
+            retryable = not any(f.kind == "mismatch" for f in failures) and run.hang_error is None
             decision = decide_failure(ledger.failures, fc.max_failures, retryable=retryable,
                                       preemption=preemption, preemptions_so_far=ledger.preemptions,
                                       max_preemptions=fc.max_preemptions)
             will_retry = decision is FailureDecision.RETRY
             ledger.record_failure(run.attempt, failures, will_retry=will_retry,
-                                  kind="preemption" if preemption else "failure")
+                                  kind="preemption" if preemption else
+                                  "hang" if failures[0].kind == "hang" else "failure")
             if not will_retry:
                 if run.carry is not None:
                     run.carry.kill()
                     run.carry = None
                 why = ("ranks disagree about report()/collective calls" if not retryable else
                        f"{ledger.failures} failure(s), max_failures={fc.max_failures}")
-                err = WorkerGroupError(f"{why}; root cause: {failures[0].headline()}", failures)
+                err = run.hang_error or (HangDetectedError if failures[0].kind == "hang" else WorkerGroupError)(
+                    f"{why}; root cause: {failures[0].headline()}", failures)
                 ledger.finish("failed", err)
                 run.progress["status"] = "failed"
                 raise err
@@ -235,11 +252,11 @@ class Controller:
                     "local_world_size": group.infos[b]["local_world_size"],
                     "node_rank": group.infos[b]["node_rank"], "node_id": group.infos[b]["node_id"],
                     "attempt": run.attempt}
-            log_path = (run.store.path("logs", f"attempt-{run.attempt}", f"rank-{r}.log")
-                        if run.store.local else None)
+            log_path = f"logs/attempt-{run.attempt}/rank-{r}.log"  # relative to the run folder
             ref = group.workers[b].run.remote(run.fn_bytes, spec.takes_config, spec.train_loop_config, info,
                                               run.store, me, run.run_id, start, spec.datasets, hooks, log_path)
             tasks[asyncio.ensure_future(_resolve(ref))] = r
+        watchdog = hang_monitor.start(run, group)  # None unless HangConfig.timeout_s is set
         failures: list[WorkerFailure] = []
         pending = set(tasks)
         first_failure_at = None
@@ -285,6 +302,7 @@ class Controller:
                 # "interrupted": the controller ended the attempt; the reason is in failures already
                 if failures and first_failure_at is None:
                     first_failure_at = time.monotonic()
+        hang_monitor.stop(watchdog)
         if failures or len(run.finished) < run.world_size:
             self._unblock_round(run, "the attempt ended")
             for t in pending:
@@ -398,16 +416,75 @@ class Controller:
                                      message=f"{_describe_ranks(ranks)} preempted; stopped after report {index}")
             return
         sc = run.spec.scaling_config
+        if not sc.elastic or run.world_size >= sc.max_workers:
+            return
+        if run.grow_ready and checkpoint_dir is not None:  # grow only where no progress is lost
+            target = decide_resize(run.world_size, run.grow_ready, sc.min_workers, sc.max_workers)
+            run.grow_ready = 0
+            if target:
+                run.stop = WorkerFailure(world_rank=-1, kind="resize", message=(
+                    f"capacity for {target} workers: growing from {run.world_size} after report {index}"))
+            return
         now = time.monotonic()
-        if not sc.elastic or checkpoint_dir is None or run.world_size >= sc.max_workers or \
-                now - run.last_resize_check < run.grow_backoff_s:
+        if run.grow_probe is not None or now - run.last_resize_check < run.grow_backoff_s:
             return
         run.last_resize_check = now
+        # The availability view lags (a few hundred ms); it only says where to look. A placement
+        # probe for the extra workers, in the background, says whether they really fit.
         extra = count_fitting_workers(_trusted(run, _resources_by_node(available=True)), sc.worker_resources)
-        target = decide_resize(run.world_size, extra, sc.min_workers, sc.max_workers)
-        if target:
-            run.stop = WorkerFailure(world_rank=-1, kind="resize", message=(
-                f"capacity for {target} workers: growing from {run.world_size} after report {index}"))
+        extra = min(extra, sc.max_workers - run.world_size)
+        if extra > 0:
+            run.grow_probe = asyncio.ensure_future(self._probe_capacity(run, run.attempt, extra))
+
+    async def _probe_capacity(self, run: _Run, attempt: int, extra: int) -> None:
+        sc = run.spec.scaling_config
+        pg = placement_group([dict(sc.worker_resources) for _ in range(extra)], strategy="SPREAD")
+        try:
+            await asyncio.wait_for(pg.ready(), _PROBE_S)
+            placed = True
+        except asyncio.TimeoutError:
+            placed = False
+        except asyncio.CancelledError:
+            remove_placement_group(pg)
+            raise
+        remove_placement_group(pg)
+        if run.attempt != attempt:
+            return
+        run.grow_probe = None
+        if placed:
+            logger.debug("run %s: capacity for %d more worker(s)", run.run_id, extra)
+            run.grow_ready = extra
+            run.grow_backoff_s = 1.0
+        else:
+            run.grow_backoff_s = min(run.grow_backoff_s * 2, 60.0)
+
+    async def _settle(self, run: _Run, group: _Group, before: dict, timeout_s: float = 5.0) -> None:
+        """Wait until the cluster's availability view shows ``group``'s resources released.
+
+        A node whose raylet returns the resources is alive (a worker died there, the node did
+        not): it is trusted again at once. A node that never does is left suspect (lost, or
+        about to be declared dead), so the next size is chosen from trusted capacity only.
+        """
+        held: dict[str, dict] = {}
+        for info in group.infos:
+            node = held.setdefault(info["node_id"], {})
+            for r, v in group.key[1]:
+                node[r] = node.get(r, 0) + v
+        deadline = time.monotonic() + timeout_s
+        pending = set(held)
+        while pending and time.monotonic() < deadline:
+            now = _resources_by_node(available=True)
+            for n in list(pending):
+                if n not in now:  # declared dead
+                    pending.discard(n)
+                    continue
+                if all(now[n].get(r, 0) + 1e-9 >= before.get(n, {}).get(r, 0) + v for r, v in held[n].items()):
+                    pending.discard(n)
+                    run.suspect.pop(n, None)
+            if pending:
+                await asyncio.sleep(0.05)
+        if pending:
+            logger.debug("run %s: nodes %s did not release resources within %.1f s", run.run_id, pending, timeout_s)
 
     async def preempted(self, run_id: str, attempt: int, rank: int, grace_s: float) -> None:
         run = self.runs.get(run_id)
@@ -439,6 +516,21 @@ class Controller:
         if run is None or run.ledger is None:
             return ("stop", "this attempt is over")
         return ("ok", [(c["dir"], c["metrics"]) for c in run.ledger.state["checkpoints"]])
+
+    async def record_fault(self, run_id, attempt, fields: dict):
+        """A rank injected a fault: put it in the run's event stream (False: that fault already fired)."""
+        run = self.runs.get(run_id)
+        if run is None or run.ledger is None:
+            return ("ok", False)
+        return ("ok", run.ledger.record_fault(fields))
+
+    async def record_event(self, run_id, attempt, event) -> bool:
+        """A rank's own event (debugger_listening) for the run's event stream."""
+        run = self.runs.get(run_id)
+        if run is None or run.ledger is None or attempt != run.attempt:
+            return False
+        run.ledger.emit(event, flush=True)
+        return True
 
     async def progress(self, run_id: str) -> Optional[dict]:
         run = self.runs.get(run_id)
@@ -648,6 +740,7 @@ def _root_cause_first(failures: list[WorkerFailure]) -> list[WorkerFailure]:
 
 
 _SUSPECT_S = 30.0
+_PROBE_S = 2.0  # how long a grow probe may wait for its placement group
 
 
 def _trusted(run: _Run, per_node: dict) -> dict:

@@ -13,13 +13,15 @@ import io
 import os
 import socket
 import sys
+import tempfile
 import threading
-import time
+
 import traceback
 from typing import Any, Optional
 
 import ray
 
+from trainkit.diagnostics import debug as _debug
 from trainkit.errors import ReportError, TrainkitError
 from trainkit.session import RankInfo, ReportReply, _Session, _set_session
 
@@ -52,6 +54,9 @@ class RayCoordinator:
 
     def reported_checkpoints(self):
         return self._call("reported_checkpoints")
+
+    def record_fault(self, fields: dict) -> bool:
+        return self._call("record_fault", fields)
 
 
 class _RankStream(io.TextIOBase):
@@ -103,6 +108,9 @@ class RankWorker:
             signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=self.preempt, daemon=True).start())
         except ValueError:  # not the main thread
             pass
+        from trainkit.diagnostics.stacks import install_signal_dump
+
+        install_signal_dump()  # SIGUSR2 dumps all stacks (the hang monitor's fallback when py-spy cannot)
 
     def setup(self) -> dict:
         import torch  # noqa: F401 - warm the import before the first run
@@ -166,10 +174,16 @@ class RankWorker:
                            experiment_name=store.name, start_checkpoint=ckpt, start_index=start.get("index", 0),
                            datasets=datasets, hooks=hooks, preempted=self._preempted)
         log = None
+        local_log = None  # the file written during the run: in the run folder, or a temp file for remote storage
         if log_path:
             try:
-                os.makedirs(os.path.dirname(log_path), exist_ok=True)
-                log = open(log_path, "a")
+                if store.local:
+                    local_log = store.path(log_path)
+                    os.makedirs(os.path.dirname(local_log), exist_ok=True)
+                else:
+                    fd, local_log = tempfile.mkstemp(prefix="trainkit_rank_", suffix=".log")
+                    os.close(fd)
+                log = open(local_log, "a")
             except OSError:
                 log = None
         old_out, old_err = sys.stdout, sys.stderr
@@ -180,13 +194,16 @@ class RankWorker:
         self._session = session
         self._run_ref = (controller, run_id, rank_info.attempt, rank_info.world_rank)
         _set_session(session)
+        emit = lambda event: ray.get(controller.record_event.remote(run_id, rank_info.attempt, event))  # noqa: E731
         try:
+            _debug.before_run(session.context, hooks, emit)  # TRAINKIT_DEBUG_RANK: wait for a debugger
             fn = cloudpickle.loads(fn_bytes)
             value = fn(config if config is not None else {}) if takes_config else fn()
             return {"ok": True, "value": value, "index": session.index}
         except _Interrupted as e:
             return {"ok": False, "interrupted": str(e), "index": session.index}
         except BaseException as e:  # noqa: BLE001 - reported to the controller as this rank's failure
+            _debug.after_error(session.context, hooks, e, emit)  # RankDebugger(post_mortem_s=...)
             return {"ok": False, "index": session.index, "failure": {
                 "exc_type": type(e).__name__, "message": str(e),
                 "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)),
@@ -204,6 +221,8 @@ class RankWorker:
             sys.stdout, sys.stderr = old_out, old_err
             if log is not None:
                 log.close()
+                if not store.local:
+                    _upload_log(store, local_log, log_path)
             try:
                 import torch.distributed as dist
 
@@ -221,3 +240,17 @@ class RankWorker:
             label = "training thread" if ident == self._thread_ident else names.get(ident, "thread")
             out.append(f"Thread {ident} ({label}):\n" + "".join(traceback.format_stack(frame)))
         return "\n".join(out)
+
+
+def _upload_log(store, local_log: str, rel: str) -> None:
+    """Copy a rank's log to remote storage at the end of its run (best effort: a log never fails a run)."""
+    try:
+        store.fs.makedirs(store.path(rel.rsplit("/", 1)[0]), exist_ok=True)
+        store.fs.put(local_log, store.path(rel))
+    except Exception as e:  # noqa: BLE001
+        print(f"trainkit: could not upload {rel} to {store.run_path}: {type(e).__name__}: {e}", file=sys.__stderr__)
+    finally:
+        try:
+            os.remove(local_log)
+        except OSError:
+            pass
