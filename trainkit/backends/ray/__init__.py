@@ -132,10 +132,17 @@ class RayBackend:
     def run(self, spec: backends.TrainSpec):
         import ray
 
+        from trainkit.diagnostics.debug import with_env_debugger
+
+        spec = with_env_debugger(spec)  # TRAINKIT_DEBUG_RANK: a RankDebugger callback
         rc = spec.run_config
         RunStore(rc.storage_path, rc.name, rc.storage_filesystem).ensure()  # fail before any worker starts
         fn_bytes = pickle_train_fn(spec.train_fn)
         ensure_ray()
+        if spec.datasets:  # Ray Datasets execute once, here, in id order: bad ones fail before workers start
+            from trainkit.data import prepare_datasets
+
+            spec = dataclasses.replace(spec, datasets=prepare_datasets(spec.datasets, release_warm_workers))
         controller = get_controller()
         run_id = uuid.uuid4().hex
         # The function travels only as fn_bytes (by value): pickled inside the spec it would go by

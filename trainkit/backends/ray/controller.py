@@ -104,6 +104,13 @@ class _Run:
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
 
 
+def _rank_failure(run: "_Run", rank: int, **kw) -> WorkerFailure:
+    """A failure of ``rank`` with its node and pid filled in from the current group."""
+    g = run.group
+    info = g.infos[g.ranks[rank]] if g is not None and 0 <= rank < len(g.ranks) else {}
+    return WorkerFailure(world_rank=rank, node_id=info.get("node_id", ""), pid=info.get("pid"), **kw)
+
+
 def _describe_ranks(ranks) -> str:
     ranks = sorted(ranks)
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
@@ -323,7 +330,7 @@ class Controller:
         err = ReportError(f"rank {rank} returned from the training function after {rec.get('index', 0)} "
                           f"report(s) while {_describe_ranks(waiting)} wait in {what}: every rank must call "
                           "report() (and collectives) the same number of times")
-        self._fail_round(run, err, [WorkerFailure(world_rank=rank, kind="mismatch", exc_type="ReportError",
+        self._fail_round(run, err, [_rank_failure(run, rank, kind="mismatch", exc_type="ReportError",
                                                   message=str(err))])
 
     def _fail_round(self, run: _Run, err: Exception, failures: list[WorkerFailure]) -> None:
@@ -349,7 +356,7 @@ class Controller:
                               f"already returned from the training function after "
                               f"{run.finished[done[0]].get('index', 0)} report(s): every rank must call "
                               "report() the same number of times")
-            self._fail_round(run, err, [WorkerFailure(world_rank=rank, kind="mismatch", exc_type="ReportError",
+            self._fail_round(run, err, [_rank_failure(run, rank, kind="mismatch", exc_type="ReportError",
                                                       message=str(err))])
             return ("error", err)
         rnd = run.round
@@ -360,7 +367,7 @@ class Controller:
             err = ReportError(f"ranks called different operations: {_describe_ranks(rnd.arrivals)} in {a}, rank "
                               f"{rank} in {key[0]} {key[1]}; every rank must call report() and collectives in "
                               "the same order")
-            self._fail_round(run, err, [WorkerFailure(world_rank=rank, kind="mismatch", exc_type="ReportError",
+            self._fail_round(run, err, [_rank_failure(run, rank, kind="mismatch", exc_type="ReportError",
                                                       message=str(err))])
             return ("error", err)
         rnd.arrivals[rank] = payload
@@ -378,7 +385,7 @@ class Controller:
             except Exception as e:  # noqa: BLE001 - every rank gets the error; the attempt ends
                 fut.set_result(("error", e))
                 if run.ended is not None and not run.ended.done():
-                    run.ended.set_result([WorkerFailure(world_rank=0, kind="exception", exc_type=type(e).__name__,
+                    run.ended.set_result([_rank_failure(run, 0, kind="exception", exc_type=type(e).__name__,
                                                         message=str(e))])
         return await asyncio.shield(fut)
 
