@@ -1,1 +1,18 @@
-"""fault_injection: faults as data, the injector, scenario files and the chaos runner."""
+"""fault_injection: faults as data, the injector, scenario files and the chaos runner.
+
+    from fault_injection import FaultPlan
+    plan = FaultPlan(faults=[{"action": "kill_worker", "rank": 1, "at": {"report": 3}}], seed=0)
+    TorchTrainer(..., run_config=RunConfig(callbacks=[plan], failure_config=FailureConfig(max_failures=1)))
+
+``trainkit chaos scenarios/preempt.yaml`` runs a scenario file (fault_injection.chaos).
+Importing this package imports neither Ray nor torch.
+"""
+
+from fault_injection.broker import NodeBroker
+from fault_injection.faults import (AddNode, Fault, Hang, KillNode, KillWorker, Preempt, Raise, Slow, StorageFault,
+                                    Trigger)
+from fault_injection.injector import FaultPlan
+from fault_injection.scenario import Scenario, load_scenario, parse_scenario
+
+__all__ = ["FaultPlan", "NodeBroker", "Fault", "Trigger", "KillWorker", "KillNode", "Preempt", "Hang", "Raise",
+           "Slow", "StorageFault", "AddNode", "Scenario", "load_scenario", "parse_scenario"]

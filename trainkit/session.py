@@ -137,14 +137,18 @@ class _Session:
         self._seq[op] = seq
         return self.coordinator.collective(self.info.world_rank, op, seq, payload)
 
-    def get_dataset_shard(self, name: Optional[str]):
+    def get_dataset_shard(self, name: Optional[str], state_dict: Any = None):
         if name not in self.datasets:
             raise KeyError(f"Dataset shard for {name!r} not found: the trainer has datasets "
                            f"{sorted(self.datasets)}. Pass datasets={{{name!r}: ...}} to the trainer.")
-        if name not in self._shards:
+        if name not in self._shards or state_dict is not None:
             from trainkit.data import make_shard
 
-            self._shards[name] = make_shard(self.datasets[name], self.info.world_rank, self.info.world_size)
+            ctx = self.context
+            listeners = [(lambda n, e, ids, h=h: h.on_batch(ctx, n, e, ids)) for h in self.hooks
+                         if hasattr(h, "on_batch")]
+            self._shards[name] = make_shard(self.datasets[name], self.info.world_rank, self.info.world_size,
+                                            name=name, state_dict=state_dict, listeners=listeners)
         return self._shards[name]
 
 
@@ -173,7 +177,8 @@ class TrainContext:
         return self._s.info.node_id
 
     def get_attempt(self) -> int:
-        """1 for the first attempt of the run, 2 after the first restart, ..."""
+        """1 for the first attempt of the run, then +1 per restart or resize. Attempts continue across
+        ``fit()`` calls of the same run (name and storage_path): a resumed run starts above 1."""
         return self._s.info.attempt
 
     def get_experiment_name(self) -> str:
@@ -240,9 +245,21 @@ def get_context() -> TrainContext:
     return _require("get_context").context
 
 
-def get_dataset_shard(dataset_name: Optional[str] = None):
-    """This rank's shard of ``datasets[dataset_name]`` passed to the trainer."""
-    return _require("get_dataset_shard").get_dataset_shard(dataset_name)
+def get_dataset_shard(dataset_name: Optional[str] = None, state_dict: Any = None):
+    """This rank's shard of ``datasets[dataset_name]`` passed to the trainer.
+
+    ``state_dict``: a state saved from ``shard.state_dict()`` (this rank's) or the list of
+    every rank's states, to resume mid-epoch (see ``trainkit.data`` and docs/data.md).
+    """
+    return _require("get_dataset_shard").get_dataset_shard(dataset_name, state_dict)
+
+
+def record_fault(fields: dict) -> bool:
+    """The fault-injection seam: put a ``fault_injected`` event (its fields as a dict) into the run's
+    event stream through this rank's coordinator. False when a fault with the same ``detail["key"]``
+    already fired in this run (True where the coordinator keeps no stream, e.g. torchrun ranks > 0)."""
+    fn = getattr(_require("record_fault").coordinator, "record_fault", None)
+    return bool(fn(fields)) if fn is not None else True
 
 
 def in_session() -> bool:

@@ -56,6 +56,9 @@ class InlineCoordinator:
     def reported_checkpoints(self):
         return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
 
+    def record_fault(self, fields: dict) -> bool:
+        return self.ledger.record_fault(fields)
+
 
 class TorchDistCoordinator:
     """Ranks are torchrun processes; rank 0 owns the ledger. Rounds go over a gloo group."""

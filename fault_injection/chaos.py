@@ -1,0 +1,342 @@
+"""``trainkit chaos PATH``: run a scenario on its own local cluster, inject its faults, judge the run.
+
+    scenario file --load/validate--> Scenario (exit 2 on a bad file: file, line, key, did you mean)
+    -> private RAY_TMPDIR, moto S3 server if `run.storage: s3`
+    -> ray.cluster_utils.Cluster: a head node without CPUs (driver, controller, broker) and
+       `cluster.nodes` virtual nodes of `cpus_per_node` CPUs, node i carrying resource tk_node_<i>
+    -> fit() of the workload with a FaultPlan (and a NodeBroker for node faults), live progress
+       on a terminal from the run's events.jsonl
+    -> verdicts from events.jsonl + run_state.json, a verdict table and a text timeline,
+       --json and --plot; everything this started is shut down again.
+
+Exit codes: 0 every expectation holds, 1 some do not, 2 bad scenario or usage.
+``run_scenario()`` is the same without printing, for tests and benchmarks. Runs in the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from trainkit.errors import ConfigError, ScenarioError, TrainingFailedError
+
+from fault_injection import faults as F
+from fault_injection import timeline, verdicts
+from fault_injection.scenario import Scenario, load_scenario, resolve_entry
+
+USAGE_ERROR = 2
+# Node loss is noticed in about a second instead of Ray's default ~30 s.
+_RAY_ENV = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "2",
+            "RAY_health_check_timeout_ms": "500", "TRAINKIT_PROGRESS": "0"}
+_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    rows: list
+    run_path: str
+    events: list
+    state: Optional[dict]
+    elapsed_s: float
+    error: Optional[BaseException] = None
+    recoveries: list = field(default_factory=list)
+    events_problem: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def to_json(self) -> dict:
+        return {"scenario": self.scenario, "passed": self.passed,
+                "expectations": [r.to_dict() for r in self.rows], "run_path": self.run_path,
+                "elapsed_s": round(self.elapsed_s, 3), "recoveries": self.recoveries}
+
+
+class _Environ:
+    """Set environment variables for the run (inherited by every Ray process) and restore them after."""
+
+    def __init__(self):
+        self.saved: dict[str, Optional[str]] = {}
+
+    def set(self, **values: str) -> None:
+        for k, v in values.items():
+            self.saved.setdefault(k, os.environ.get(k))
+            os.environ[k] = v
+
+    def pop(self, *keys: str) -> None:
+        for k in keys:
+            self.saved.setdefault(k, os.environ.get(k))
+            os.environ.pop(k, None)
+
+    def restore(self) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_scenario(scenario: Scenario, *, backend: str = "ray", seed: Optional[int] = None,
+                 storage: Optional[str] = None, on_line=None) -> Outcome:
+    """Run one scenario on a fresh local cluster and judge it; ``on_line(text)`` gets live timeline lines."""
+    import ray
+
+    from trainkit import DataParallelTrainer, FailureConfig, HangConfig, RunConfig, ScalingConfig
+    from trainkit.backends import get_backend
+    from fault_injection.broker import NODE_RESOURCE, NodeBroker
+    from fault_injection.injector import FaultPlan
+
+    get_backend(backend)  # an unknown name fails before anything starts
+    if ray.is_initialized():
+        raise ConfigError("trainkit chaos", "ray already initialized",
+                          "a process without Ray: the runner starts its own cluster", hint="call ray.shutdown() first")
+    fn = resolve_entry(scenario.workload.entry)
+    t_start = time.monotonic()
+    env = _Environ()
+    ray_tmpdir = tempfile.mkdtemp(prefix="tkchaos-", dir="/tmp")  # short: Ray's socket paths must fit
+    env.set(RAY_TMPDIR=ray_tmpdir, **_RAY_ENV)
+    env.pop("RAY_ADDRESS")
+    moto = cluster = broker = tail = None
+    error = None
+    try:
+        if scenario.run.storage == "s3":
+            storage, moto = _start_s3(env, storage)
+        elif storage is None:
+            storage = os.path.join(tempfile.mkdtemp(prefix="trainkit_chaos_"), "runs")
+        if backend != "local":
+            from ray.cluster_utils import Cluster
+
+            cpus = scenario.cluster.cpus_per_node
+            node_faults = any(F.is_node_fault(f) for f in scenario.faults)
+            # Without node faults the head node is node 0 (one raylet fewer to start); with them it
+            # has no CPUs, so that every node that may go away is a virtual one.
+            head = {"num_cpus": 0 if node_faults else cpus, "include_dashboard": False}
+            if not node_faults:
+                head["resources"] = {NODE_RESOURCE.format(0): 1}
+            cluster = Cluster(initialize_head=True, head_node_args=head)
+            first = 0 if node_faults else 1
+            nodes = [cluster.add_node(num_cpus=cpus, resources={NODE_RESOURCE.format(i): 1})
+                     for i in range(first, scenario.cluster.nodes)]
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            if node_faults:
+                broker = NodeBroker(cluster, nodes, cpus).start(background=False)
+        plan = FaultPlan(scenario.faults, seed=scenario.seed if seed is None else seed, broker=broker)
+        hang = (HangConfig(timeout_s=scenario.run.hang_timeout_s, action=scenario.run.hang_action)
+                if scenario.run.hang_timeout_s else None)
+        name = f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        rc = RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=scenario.run.max_failures),
+                       hang_config=hang, callbacks=[plan])
+        nw = scenario.scaling.num_workers
+        scaling = ScalingConfig(num_workers=0 if backend == "local" else tuple(nw) if isinstance(nw, list) else nw)
+        trainer = DataParallelTrainer(fn, train_loop_config=dict(scenario.workload.config), scaling_config=scaling,
+                                      run_config=rc, backend=backend)
+        from trainkit.storage import RunStore
+
+        store = RunStore(storage, name)
+        if on_line is not None:
+            tail = _Tail(store, on_line)
+            tail.start()
+        if broker is None:
+            try:
+                trainer.fit()
+            except TrainingFailedError as e:
+                error = e
+        else:  # fit() in a thread: the main thread serves node faults (Ray adds nodes from it only)
+            done, box = threading.Event(), {}
+
+            def fit():
+                try:
+                    trainer.fit()
+                except BaseException as e:  # noqa: BLE001 - re-raised or judged below
+                    box["error"] = e
+                finally:
+                    done.set()
+
+            threading.Thread(target=fit, name="trainkit-chaos-fit", daemon=True).start()
+            broker.serve(until=done)
+            error = box.get("error")
+            if error is not None and not isinstance(error, TrainingFailedError):
+                raise error
+        if tail is not None:
+            tail.stop()
+            tail = None
+        return judge(scenario, store, time.monotonic() - t_start, error)  # before the S3 server stops
+    finally:
+        if tail is not None:
+            tail.stop()
+        if broker is not None:
+            broker.stop()
+        if cluster is not None:
+            _shutdown_ray()
+            cluster.shutdown()
+        if moto is not None:
+            moto.stop()
+        env.restore()
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def judge(scenario: Scenario, store, elapsed_s: float = 0.0, error: Optional[BaseException] = None) -> Outcome:
+    """Check the scenario's expectations against the run folder's files."""
+    from trainkit import events as ev
+    from trainkit.storage import EVENTS, MANIFEST
+
+    read = ev.parse_events(store.read_bytes(EVENTS))
+    state = store.read_json(MANIFEST)
+    rows = verdicts.check(scenario.expect, read.events, state, set(store.list_dirs()))
+    return Outcome(scenario.name, rows, store.uri, read.events, state, elapsed_s, error,
+                   verdicts.recovery_times(read.events), read.problem)
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    from trainkit.backends import ray as ray_backend
+
+    try:
+        ray_backend.release_warm_workers()
+    finally:
+        ray.shutdown()
+        # the controller handle cache is keyed by job id, which a later cluster reuses
+        ray_backend._controller.clear()
+
+
+def _start_s3(env: _Environ, storage: Optional[str]):
+    """A moto S3 server on 127.0.0.1 that every Ray process reaches through AWS_* variables."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per S3 request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env.set(AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint, **_AWS_ENV)
+    env.pop("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="trainkit-chaos")
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+    except ImportError:
+        pass
+    return storage or "s3://trainkit-chaos/runs", server
+
+
+class _Tail(threading.Thread):
+    """Live progress: reads the run's events.jsonl as it grows and passes new timeline lines on."""
+
+    def __init__(self, store, on_line):
+        super().__init__(name="trainkit-chaos-tail", daemon=True)
+        self.store = store
+        self.on_line = on_line
+        self.seen = 0
+        self.t0: Optional[float] = None
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_evt.wait(0.3):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        from trainkit import events as ev
+        from trainkit.storage import EVENTS
+
+        try:
+            events = ev.parse_events(self.store.read_bytes(EVENTS) or b"").events
+        except Exception:  # noqa: BLE001 - storage may be mid-write or gone
+            return
+        for e in events[self.seen:]:
+            if self.t0 is None:
+                self.t0 = e.time
+            text = (f"report {e.index} committed (world size {e.world_size})" if isinstance(e, ev.ReportCommitted)
+                    else timeline.describe(e))
+            if text:
+                self.on_line(f"{e.time - self.t0:+8.2f}s  {text}")
+        self.seen = max(self.seen, len(events))
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(10)
+
+
+# -- the command ---------------------------------------------------------------------------
+def main(args) -> int:
+    """``trainkit chaos``: 0 all expectations hold, 1 some fail, 2 bad scenario or usage."""
+    from rich.console import Console
+
+    to_stdout = getattr(args, "json", None) != "-"
+    console = Console(file=sys.stdout if to_stdout else sys.stderr, highlight=False, soft_wrap=True)
+    try:
+        scenario = load_scenario(args.path)
+    except ScenarioError as e:
+        _usage_error(console, str(e), "fix the scenario file (its format: docs/chaos.md, docs/scenario.schema.json)")
+        return USAGE_ERROR
+    backend = getattr(args, "backend", None) or scenario.backend or "ray"
+    console.print(f"[bold]trainkit chaos[/]: {scenario.name} ({len(scenario.faults)} fault(s), backend {backend})"
+                  + (f" - {scenario.description.strip().splitlines()[0]}" if scenario.description.strip() else ""))
+    live = console.is_terminal
+    try:
+        outcome = run_scenario(scenario, backend=backend, seed=getattr(args, "seed", None),
+                               storage=getattr(args, "storage", None),
+                               on_line=(lambda line: console.print(f"[dim]{line}[/]")) if live else None)
+    except ConfigError as e:
+        _usage_error(console, str(e), getattr(e, "hint", "") or "check the scenario and the command line")
+        return USAGE_ERROR
+    report(console, outcome, show_timeline=not live)
+    if getattr(args, "plot", None):
+        timeline.plot(outcome.events, args.plot, title=f"trainkit chaos: {scenario.name}")
+        console.print(f"timeline picture: {args.plot}")
+    if getattr(args, "json", None):
+        text = json.dumps(outcome.to_json(), indent=2, default=str)
+        if args.json == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0 if outcome.passed else 1
+
+
+def _usage_error(console, message: str, hint: str) -> None:
+    print(f"error: {message}\nhint: {hint}", file=sys.stderr)
+
+
+def report(console, outcome: Outcome, show_timeline: bool = True) -> None:
+    from rich.table import Table
+
+    if show_timeline:
+        console.print("[bold]timeline[/]")
+        for line in timeline.text_lines(outcome.events):
+            console.print("  " + line, markup=False)
+    if outcome.events_problem:
+        console.print(f"note: {outcome.events_problem}", markup=False)
+    rec = [r for r in outcome.recoveries if r["recovery_s"] is not None]
+    if rec:
+        console.print("recovery: " + ", ".join(f"attempt {r['attempt']} {r['fault'] or r['kind']} "
+                                               f"{r['recovery_s']:.2f} s" for r in rec), markup=False)
+    table = Table(title=f"verdict: {outcome.scenario}", title_justify="left")
+    for col in ("expectation", "expected", "observed", "pass"):
+        table.add_column(col)
+    for r in outcome.rows:
+        table.add_row(r.name, _cell(r.expected), _cell(r.observed), "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
+    console.print(table)
+    verdict = "[green]PASSED[/]" if outcome.passed else "[red]FAILED[/]"
+    console.print(f"{verdict} in {outcome.elapsed_s:.1f} s; run folder: {outcome.run_path}")
+
+
+def _cell(v: Any) -> str:
+    from rich.markup import escape
+
+    return escape(json.dumps(v) if isinstance(v, (bool, type(None))) else str(v))

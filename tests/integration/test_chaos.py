@@ -1,0 +1,54 @@
+"""``trainkit chaos`` end to end: each shipped scenario on its own local cluster, through ``main(args)``.
+
+Every call starts and stops its own ``ray.cluster_utils.Cluster`` (private RAY_TMPDIR), so
+these tests must not share the process with an initialised Ray: run this file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import pytest
+
+from fault_injection.chaos import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _args(path, tmp_path, **kw):
+    return argparse.Namespace(path=str(path), backend=kw.get("backend"), seed=kw.get("seed"),
+                              json=kw.get("json"), plot=kw.get("plot"), storage=str(tmp_path / "runs"))
+
+
+def test_worker_crash_passes_and_writes_the_json_verdict_and_the_timeline_picture(tmp_path):
+    out, png = tmp_path / "verdict.json", tmp_path / "timeline.png"
+    assert main(_args(ROOT / "scenarios" / "worker_crash.yaml", tmp_path, json=str(out), plot=str(png))) == 0
+    verdict = json.loads(out.read_text())
+    assert verdict["scenario"] == "worker_crash" and verdict["passed"] is True
+    assert {r["name"] for r in verdict["expectations"]} >= {"status", "restarts", "reports", "no_lost_checkpoints"}
+    assert all(set(r) == {"name", "expected", "observed", "passed"} for r in verdict["expectations"])
+    assert pathlib.Path(verdict["run_path"], "events.jsonl").exists()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_scenario_whose_expectation_cannot_hold_exits_1_with_the_failing_row(tmp_path, capsys):
+    text = (ROOT / "scenarios" / "exception.yaml").read_text().replace("restarts: 1", "restarts: 0")
+    path = tmp_path / "wrong.yaml"
+    path.write_text(text)
+    assert main(_args(path, tmp_path, json="-")) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    failing = [r for r in verdict["expectations"] if not r["passed"]]
+    assert failing == [{"name": "restarts", "expected": 0, "observed": 1, "passed": False}]
+
+
+@pytest.mark.parametrize("name", ["exception", "max_failures_exhausted", "flaky_storage", "node_loss_elastic",
+                                  "preempt", "hang_restart"])
+def test_shipped_scenario_passes(name, tmp_path):
+    out = tmp_path / "verdict.json"
+    code = main(_args(ROOT / "scenarios" / f"{name}.yaml", tmp_path, json=str(out)))
+    verdict = json.loads(out.read_text())
+    assert code == 0, [r for r in verdict["expectations"] if not r["passed"]]
