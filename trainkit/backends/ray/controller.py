@@ -201,29 +201,21 @@ class Controller:
                 run.progress["status"] = "finished"
                 return ledger.result(return_value=payload)
             failures: list[WorkerFailure] = payload
-            reusable = {group.ranks[r] for r in run.returned}
-            if not sc.elastic and reusable and failures[0].kind not in ("resize", "preempted") and not run.aborted \
-                    and run.hang_error is None:
-                # keep the ranks that returned; start only the dead or stuck ones (one worker start)
-                run.carry = await self._repair(run, group, reusable)
-            else:
-                before = _resources_by_node(available=True)
-                self._release(group, healthy=False)
-                await _wait_removed(group)  # its resources must be free before the next group is placed
-                await self._settle(run, group, before)
             run.group = None
             if run.aborted:
+                group.kill()
                 err = WorkerGroupError("the run was aborted (Ctrl-C or a dead driver)", failures)
                 ledger.record_failure(run.attempt, failures, will_retry=False)
                 ledger.finish("aborted", err)
                 raise err
             if failures[0].kind == "resize":
+                await self._discard(run, group)
                 ledger.end_attempt("resized")
                 continue
+            # Decide and record first: the failure is in the event stream at once, not after a worker start.
             preemption = any(f.kind == "preempted" for f in failures)
             if preemption:
                 ledger.preemptions += 1
-                await self._wait_preempted_nodes(run)
             else:
                 ledger.failures += 1
             retryable = not any(f.kind == "mismatch" for f in failures) and run.hang_error is None
@@ -235,9 +227,7 @@ class Controller:
                                   kind="preemption" if preemption else
                                   "hang" if failures[0].kind == "hang" else "failure")
             if not will_retry:
-                if run.carry is not None:
-                    run.carry.kill()
-                    run.carry = None
+                group.kill()
                 why = ("ranks disagree about report()/collective calls" if not retryable else
                        f"{ledger.failures} failure(s), max_failures={fc.max_failures}")
                 err = run.hang_error or (HangDetectedError if failures[0].kind == "hang" else WorkerGroupError)(
@@ -245,6 +235,14 @@ class Controller:
                 ledger.finish("failed", err)
                 run.progress["status"] = "failed"
                 raise err
+            reusable = {group.ranks[r] for r in run.returned}
+            if not sc.elastic and reusable and not preemption and run.hang_error is None:
+                # keep the ranks that returned; start only the dead or stuck ones (one worker start)
+                run.carry = await self._repair(run, group, reusable)
+            else:
+                await self._discard(run, group)
+            if preemption:
+                await self._wait_preempted_nodes(run)
             ledger.emit(ev.GroupRestarted(attempt=run.attempt + 1, reason=failures[0].headline(),
                                           from_index=ledger.latest_index))
 
@@ -464,6 +462,13 @@ class Controller:
             run.grow_backoff_s = 1.0
         else:
             run.grow_backoff_s = min(run.grow_backoff_s * 2, 60.0)
+
+    async def _discard(self, run: _Run, group: _Group) -> None:
+        """Kill a group and wait until the cluster shows its resources free again."""
+        before = _resources_by_node(available=True)
+        self._release(group, healthy=False)
+        await _wait_removed(group)  # its resources must be free before the next group is placed
+        await self._settle(run, group, before)
 
     async def _settle(self, run: _Run, group: _Group, before: dict, timeout_s: float = 5.0) -> None:
         """Wait until the cluster's availability view shows ``group``'s resources released.
