@@ -2,8 +2,9 @@
 
 ``s3_server`` starts one moto S3 server per test process (each pytest-xdist worker gets
 its own, on its own free port) and points boto3/s3fs at it through the environment;
-``s3_bucket`` gives each test a fresh bucket on it. Moto and boto3 are imported only
-when an S3 test asks for them.
+``s3_bucket`` gives each test a fresh bucket on it. The server is the pytest plugin's
+``trainkit_testing.s3.MotoS3`` (one moto set-up in the repository). Moto and boto3 are
+imported only when an S3 test asks for them.
 """
 
 from __future__ import annotations
@@ -13,44 +14,22 @@ import uuid
 
 import pytest
 
-_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
-
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """The endpoint URL of a moto S3 server private to this test process."""
-    from moto.server import ThreadedMotoServer
+    """The endpoint URL of a moto S3 server private to this test process (the plugin's ``MotoS3``)."""
+    from trainkit_testing.s3 import AWS_UNSET, MotoS3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server = MotoS3().start()
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in _AWS_ENV.items():
+        for k, v in server.env.items():
             mp.setenv(k, v)
-        mp.setenv("AWS_ENDPOINT_URL", endpoint)
-        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        for k in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        for k in AWS_UNSET:
             mp.delenv(k, raising=False)
         try:
-            yield endpoint
+            yield server.endpoint
         finally:
-            _clear_s3fs_cache()
             server.stop()
-
-
-def _clear_s3fs_cache() -> None:
-    try:
-        import s3fs
-    except ImportError:
-        return
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -58,10 +37,12 @@ def s3_bucket(s3_server):
     """A fresh, empty bucket on the test process's moto server; its name."""
     import boto3
 
+    from trainkit_testing.s3 import clear_s3fs_cache
+
     name = f"trainkit-test-{uuid.uuid4().hex[:12]}"
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
-    _clear_s3fs_cache()  # no listing cached from another test's view of storage
+    clear_s3fs_cache()  # no listing cached from another test's view of storage
     yield name
 
 
