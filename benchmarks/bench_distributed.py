@@ -24,7 +24,7 @@ Every fit uses a fresh run folder under a temp dir.
     python benchmarks/bench_distributed.py [--quick] [--json OUT] [--fits N] [--reports N]
                                            [--ray-reports N] [--starts N] [--no-ray-tuned]
 
-Needs Ray Train importable (``pip install pyarrow``, or ``ray[train]==2.60.0``). Takes
+Needs Ray Train importable (``ray[train]==2.60.0``, a dependency of trainkit). Takes
 about 6 minutes (``--quick``: about 4) on a 2-core machine, almost all of it Ray Train.
 While it runs, everything Ray prints goes to stderr, so stdout holds only the table (or the
 JSON). Prints a table; exits 0 when every target holds, 1 when one is missed (it prints which),
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
         from trainkit.backends.ray import release_warm_workers
     except ImportError as e:
         print(f"bench_distributed: cannot import Ray Train or trainkit: {e}\n"
-              "  Ray Train needs pyarrow: pip install pyarrow  (or: pip install 'ray[train]==2.60.0')",
+              "  Ray Train is not importable: pip install 'ray[train]==2.60.0'",
               file=sys.stderr)
         return 2
 

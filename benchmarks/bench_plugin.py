@@ -12,7 +12,7 @@ start, imports, cluster start and shutdown included):
 (c) ``ray_train``: the same suite written against Ray Train 2.60: one ``ray.init``
     (4 CPUs, no dashboard, private RAY_TMPDIR) in a session fixture, each test calling
     ``ray.train.torch.TorchTrainer(...).fit()`` with 2 workers and 5 ``ray.train.report``
-    calls. Information only (needs ``pyarrow`` for ``ray.train``).
+    calls. Information only.
 
     python benchmarks/bench_plugin.py [--tests 20] [--only plugin,local,ray_train] [--json OUT]
 

@@ -86,7 +86,7 @@ class StorageError(TrainkitError):
 
 
 class CheckpointError(TrainkitError):
-    """A checkpoint cannot be committed or read (for example two ranks wrote the same file)."""
+    """A checkpoint cannot be committed or read (missing folder, ranks disagreeing on checkpoint_dir_name)."""
 
 
 class SessionError(TrainkitError, RuntimeError):

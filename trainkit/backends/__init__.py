@@ -58,8 +58,17 @@ def _load(target: str):
     return getattr(importlib.import_module(mod), attr)
 
 
+_REGISTERED: dict[str, str] = {}  # register_backend(): backends known to this process only (test fixtures)
+
+
+def register_backend(name: str, target: str) -> None:
+    """Make ``target`` (``"module:attr"``) available as ``name`` in this process, without an entry point."""
+    _REGISTERED[name] = target
+
+
 def available_backends() -> dict[str, str]:
     found = dict(_BUILTIN)
+    found.update(_REGISTERED)
     try:
         from importlib.metadata import entry_points
 
