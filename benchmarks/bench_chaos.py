@@ -26,8 +26,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("scenario", nargs="?", default=os.path.join(ROOT, "scenarios", "worker_crash.yaml"))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--target-s", type=float, default=20.0, help="median wall-clock target (exit 1 above it)")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the figures as JSON to OUT (- for stdout)")
     a = p.parse_args()
-    walls, recoveries = [], []
+    walls, recoveries, runs = [], [], []
     for i in range(a.runs):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "verdict.json")
@@ -43,12 +45,23 @@ def main() -> int:
         rec = [r["recovery_s"] for r in verdict.get("recoveries", []) if r.get("recovery_s") is not None]
         walls.append(wall)
         recoveries += rec
+        runs.append({"wall_s": wall, "load_avg": load, "passed": verdict["passed"], "recovery_s": rec})
         print(f"run {i + 1}: {wall:6.1f} s wall (load avg {load:.1f}), passed={verdict['passed']}, "
               f"recovery per fault: {', '.join(f'{r:.2f} s' for r in rec) or '-'}")
     print(f"{os.path.basename(a.scenario)}: wall min {min(walls):.1f} s / median {statistics.median(walls):.1f} s "
           f"(n={len(walls)}); recovery min {min(recoveries, default=float('nan')):.2f} s / median "
           f"{statistics.median(recoveries) if recoveries else float('nan'):.2f} s")
-    return 0
+    median = statistics.median(walls)
+    ok = median < a.target_s and all(r["passed"] for r in runs)
+    print(f"target: median wall < {a.target_s:.0f} s and every verdict passed -> {'OK' if ok else 'MISSED'}")
+    if a.json:
+        data = {"scenario": a.scenario, "runs": runs, "median_wall_s": median, "target_s": a.target_s, "ok": ok}
+        if a.json == "-":
+            print(json.dumps(data, indent=2))
+        else:
+            with open(a.json, "w") as f:
+                json.dump(data, f, indent=2)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ class _NotPlaced(Exception):
 
 logger = logging.getLogger("trainkit.controller")
 
-_FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
+_FAILURE_WINDOW_S = 0.3
+_UNBLOCK_WAIT_S = 0.5  # after an attempt ends, how long ranks released from a barrier may take to return  # after the first failure, wait this long to collect the others (root cause first)
 
 
 @dataclass
@@ -310,6 +311,14 @@ class Controller:
         hang_monitor.stop(watchdog)
         if failures or len(run.finished) < run.world_size:
             self._unblock_round(run, "the attempt ended")
+            if pending and not run.spec.scaling_config.elastic:
+                # ranks waiting in a trainkit barrier return at once when it is unblocked: their
+                # processes are healthy and kept for the repaired group (ranks stuck in a gloo
+                # collective or in user code are not, and are replaced)
+                done, pending = await asyncio.wait(pending, timeout=_UNBLOCK_WAIT_S)
+                for t in done:
+                    if "died" not in t.result():
+                        run.returned.add(tasks[t])
             for t in pending:
                 t.cancel()
             if not failures:
