@@ -14,6 +14,8 @@ import uuid
 
 import pytest
 
+pytest_plugins = ["pytester"]  # the plugin tests in tests/plugin run pytest inside pytest
+
 
 @pytest.fixture(scope="session")
 def s3_server():

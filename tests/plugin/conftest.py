@@ -4,4 +4,4 @@ Tests that start Ray run the inner session in a subprocess (``runpytest_subproce
 that its cluster lives and dies with that process; the others run in-process.
 """
 
-pytest_plugins = ["pytester"]
+# pytester is enabled in tests/conftest.py (pytest_plugins is only allowed in the top-level conftest)

@@ -746,9 +746,26 @@ async def _resolve(ref) -> dict:
     try:
         return await ref
     except ray.exceptions.RayActorError as e:
-        return {"died": f"the worker process died: {str(e).splitlines()[0][:300]}"}
+        return {"died": _death_message(str(e))}
     except Exception as e:  # noqa: BLE001 - any other Ray error is a failure of that rank
         return {"died": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _death_message(ray_text: str) -> str:
+    """A dead worker, in one line: Ray's exit type and the first sentence of its detail.
+
+    Ray does not report the exit code or signal of a worker process it started, so none is given.
+    """
+    import re
+
+    kind = re.search(r"Worker exit type: (\S+)", ray_text)
+    detail = re.search(r"Worker exit detail: (.*?\.)(?:\s|$)", ray_text)
+    what = "the worker process died"
+    if kind:
+        what += f" (Ray exit type {kind.group(1)}" + (f": {detail.group(1)}" if detail else "") + ")"
+    else:
+        what += f": {ray_text.splitlines()[0][:300]}" if ray_text else ""
+    return what
 
 
 def _root_cause_first(failures: list[WorkerFailure]) -> list[WorkerFailure]:
