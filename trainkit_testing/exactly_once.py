@@ -281,9 +281,9 @@ def epochs_workload(config: dict) -> int:
                        name="train", state_dict=states,
                        listeners=[lambda n, e, ids: recorder.on_batch(ctx, n, e, ids)])
     while shard.epoch < int(cfg["epochs"]):
-        steps = math.ceil(broadcast_from_rank_zero(len(shard)) / int(cfg["batch_size"]))
         it = shard.iter_batches(batch_size=int(cfg["batch_size"]), prefetch_batches=0)
-        batches = iter(it)
+        batches = iter(it)  # starts the pass first: before it, len(shard) is the previous pass's rows
+        steps = math.ceil(broadcast_from_rank_zero(len(shard)) / int(cfg["batch_size"]))
         for _ in range(steps):
             next(batches, None)
             time.sleep(float(cfg["step_s"]))
