@@ -166,8 +166,16 @@ class NodeBroker:
             handle = self._handle(op["node"])
             self.cluster.remove_node(handle, allow_graceful=False)
             del self.nodes[op["node"]]
+        # remove_node stops the node's raylet; its rank processes notice only later and meanwhile go on
+        # reporting. A lost node takes every process on it at once, before the triggering rank goes on.
+        pids = ranks_on_node(op["store"], handle.node_id) if op.get("store") is not None else []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.append((time.time(), "kill_node", op["node"]))
-        return {"node_id": handle.node_id}
+        return {"node_id": handle.node_id, "pids": pids}
 
     def _add_node(self, op: dict) -> dict:
         with self._lock:

@@ -159,6 +159,7 @@ class _Injector:
             if F.signal_number(fault.signal) in _FATAL:
                 time.sleep(30)  # the signal ends the process; never go on in the meantime
         elif action == "preempt":
+            os.environ["TRAINKIT_PREEMPTION_GRACE_S"] = str(fault.grace_s)  # read by the notice handler
             os.kill(os.getpid(), F.signal_number("SIGTERM"))  # the worker's notice handler
             threading.Thread(target=_kill_after_grace, args=(ctx, fault.grace_s), daemon=True).start()
         elif action == "hang":

@@ -105,7 +105,8 @@ class RankWorker:
         try:  # SIGTERM is a preemption notice: the function sees is_preempted() and can checkpoint
             import signal
 
-            signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=self.preempt, daemon=True).start())
+            signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+                target=self.preempt, args=(_sigterm_grace_s(),), daemon=True).start())
         except ValueError:  # not the main thread
             pass
         from trainkit.diagnostics.stacks import install_signal_dump
@@ -254,3 +255,13 @@ def _upload_log(store, local_log: str, rel: str) -> None:
             os.remove(local_log)
         except OSError:
             pass
+
+
+def _sigterm_grace_s() -> float:
+    """The grace period of a SIGTERM notice: $TRAINKIT_PREEMPTION_GRACE_S, read when the signal arrives."""
+    from trainkit import _env
+
+    try:
+        return float(_env.PREEMPTION_GRACE_S.get_float() or 0.0)
+    except ValueError:
+        return 30.0
