@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from trainkit.checkpoint import Checkpoint
 from trainkit.errors import ConfigError, ReportError, SessionError
-from trainkit.storage import RunStore, is_local
+from trainkit.storage import RunStore
 
 
 @dataclass(frozen=True)
@@ -142,14 +142,20 @@ class _Session:
             raise KeyError(f"Dataset shard for {name!r} not found: the trainer has datasets "
                            f"{sorted(self.datasets)}. Pass datasets={{{name!r}: ...}} to the trainer.")
         if name not in self._shards or state_dict is not None:
-            from trainkit.data import make_shard
-
-            ctx = self.context
-            listeners = [(lambda n, e, ids, h=h: h.on_batch(ctx, n, e, ids)) for h in self.hooks
-                         if hasattr(h, "on_batch")]
-            self._shards[name] = make_shard(self.datasets[name], self.info.world_rank, self.info.world_size,
-                                            name=name, state_dict=state_dict, listeners=listeners)
+            self._shards[name] = rank_shard(self, name, state_dict)
         return self._shards[name]
+
+
+def rank_shard(session, name: str, state_dict: Any = None):
+    """This rank's shard of ``session.datasets[name]``, with the rank's report hooks that have
+    ``on_batch`` listening to its batches. ``session`` is any per-rank session (``_Session``, or a
+    backend's forwarding session) with ``datasets``, ``hooks``, ``context`` and ``info``."""
+    from trainkit.data import make_shard
+
+    ctx = session.context
+    listeners = [(lambda n, e, ids, h=h: h.on_batch(ctx, n, e, ids)) for h in session.hooks if hasattr(h, "on_batch")]
+    return make_shard(session.datasets[name], session.info.world_rank, session.info.world_size,
+                      name=name, state_dict=state_dict, listeners=listeners)
 
 
 class TrainContext:

@@ -220,13 +220,9 @@ class _Forwarder:
 
         if name in self.datasets:
             if name not in self._shards or state_dict is not None:
-                from trainkit.data import make_shard
+                from trainkit.session import rank_shard
 
-                ctx = self.context
-                listeners = [(lambda n, e, ids, h=h: h.on_batch(ctx, n, e, ids)) for h in self.hooks
-                             if hasattr(h, "on_batch")]
-                self._shards[name] = make_shard(self.datasets[name], self.info.world_rank, self.info.world_size,
-                                                name=name, state_dict=state_dict, listeners=listeners)
+                self._shards[name] = rank_shard(self, name, state_dict)
             return self._shards[name]
         if state_dict is not None:
             from trainkit.errors import ConfigError

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import sys
 import threading
-import time
 import uuid
 from typing import Any, Optional
 
