@@ -33,7 +33,8 @@ from fault_injection.scenario import Scenario, load_scenario, resolve_entry
 
 USAGE_ERROR = 2
 # Node loss is noticed in about a second instead of Ray's default ~30 s.
-_RAY_ENV = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "2",
+_RAY_ENV = {"RAY_gcs_server_port_wait_time_s": "120", "RAY_health_check_period_ms": "500",
+            "RAY_health_check_failure_threshold": "2",
             "RAY_health_check_timeout_ms": "500", "TRAINKIT_PROGRESS": "0"}
 _AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}

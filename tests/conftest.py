@@ -16,6 +16,10 @@ import pytest
 
 pytest_plugins = ["pytester"]  # the plugin tests in tests/plugin run pytest inside pytest
 
+# Many Ray processes start at once under pytest -n 2 on 2 cores: give GCS longer than Ray's default
+# 30 s to come up rather than fail a test's cluster start (inherited by every Ray this suite starts).
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 
 @pytest.fixture(scope="session")
 def s3_server():

@@ -32,8 +32,10 @@ FAST_FAILURE_ENV = {
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_failure_threshold": "2",
     "RAY_health_check_timeout_ms": "500",
-    "RAY_health_check_initial_delay_ms": "0",
 }
+# Starting many Ray processes at once on a small, busy machine (CI, pytest -n) can take longer
+# than Ray's default 30 s wait for the GCS port: wait longer rather than fail the session.
+SLOW_START_ENV = {"RAY_gcs_server_port_wait_time_s": "120"}
 _HEAD_ARGS = {"num_cpus": 0, "include_dashboard": False}
 _SHARED_WAIT_S = 3600  # how long the starting xdist worker waits for the others before stopping the cluster
 
@@ -134,7 +136,7 @@ def start(plan: ClusterPlan, env: dict) -> FakeCluster:
     import ray
 
     ray_tmpdir = tempfile.mkdtemp(prefix="tkp-", dir="/tmp")  # short: Ray's socket paths must fit
-    saved = _set_env(dict(env, **FAST_FAILURE_ENV, RAY_TMPDIR=ray_tmpdir))
+    saved = _set_env(dict(env, **FAST_FAILURE_ENV, **SLOW_START_ENV, RAY_TMPDIR=ray_tmpdir))
     if ray.is_initialized():
         ray.shutdown()
     try:

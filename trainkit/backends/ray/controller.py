@@ -146,6 +146,9 @@ class Controller:
                 run.ledger.finish("failed", err)
             return ("error", err)
         finally:
+            for g in (run.group, run.carry):  # after an internal error: never leave workers or resources held
+                if g is not None:
+                    g.kill()
             self.runs.pop(run_id, None)
 
     async def _run(self, run: _Run):
@@ -235,7 +238,7 @@ class Controller:
                 ledger.finish("failed", err)
                 run.progress["status"] = "failed"
                 raise err
-            reusable = {group.ranks[r] for r in run.returned}
+            reusable = {group.ranks[r] for r in run.returned if r not in run.preempted}  # a noticed rank is going away
             if not sc.elastic and reusable and not preemption and run.hang_error is None:
                 # keep the ranks that returned; start only the dead or stuck ones (one worker start)
                 run.carry = await self._repair(run, group, reusable)
@@ -617,9 +620,14 @@ class Controller:
         if run.carry is not None:
             carried, run.carry = run.carry, None
             if carried.key == key:
-                await self._init_torch(run, carried)
-                return carried
-            carried.kill()
+                try:
+                    await self._init_torch(run, carried)
+                    return carried
+                except Exception as e:  # noqa: BLE001 - a kept worker died in the meantime: start afresh
+                    logger.debug("run %s: the repaired group cannot start (%s); starting a new one", run.run_id, e)
+                    await self._discard(run, carried)
+            else:
+                carried.kill()
         for g in list(self.idle):
             if g.key == key:
                 self.idle.remove(g)
@@ -634,7 +642,11 @@ class Controller:
                 g.kill()
             self.idle.clear()
             group = await self._new_group(run, size, res, key, env, quick)
-        await self._init_torch(run, group)
+        try:
+            await self._init_torch(run, group)
+        except BaseException:
+            group.kill()
+            raise
         return group
 
     async def _new_group(self, run: _Run, size: int, res: dict, key: tuple, env, quick: bool = False) -> _Group:
