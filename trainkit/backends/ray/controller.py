@@ -524,7 +524,7 @@ class Controller:
         while pending:
             alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             now = time.monotonic()
-            pending = {n: d for n, d in pending.items() if n in alive and now < d + 5.0}
+            pending = {n: d for n, d in pending.items() if n in alive and now < d + _NODE_GONE_SLACK_S}
             if pending:
                 await asyncio.sleep(0.2)
 
@@ -790,6 +790,7 @@ def _root_cause_first(failures: list[WorkerFailure]) -> list[WorkerFailure]:
 
 _SUSPECT_S = 30.0
 _PROBE_S = 2.0  # how long a grow probe may wait for its placement group
+_NODE_GONE_SLACK_S = 2.0  # after a preemption's grace, how long a restart still waits for the node to leave
 
 
 def _trusted(run: _Run, per_node: dict) -> dict:
