@@ -198,7 +198,7 @@ class Controller:
             run.progress.update(attempt=run.attempt, world_size=size, status="running")
             outcome, payload = await self._watch(run, group, hooks)
             if outcome == "finished":
-                self._release(group, healthy=True)
+                self._release(group, healthy=not run.preempted)  # a noticed worker is going away: not kept warm
                 run.group = None
                 ledger.finish("finished")
                 run.progress["status"] = "finished"

@@ -121,6 +121,9 @@ class RankWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def ping(self) -> int:
+        """This process's pid; an error once it had a preemption notice (it is going away, never reuse it)."""
+        if self._preempted.is_set():
+            raise RuntimeError(f"worker {os.getpid()} had a preemption notice")
         return os.getpid()
 
     def free_port(self) -> int:
