@@ -100,6 +100,7 @@ class _Run:
         self.returned: set[int] = set()  # world ranks whose run() returned (their process is reusable)
         self.carry: Optional[_Group] = None  # a repaired group for the next attempt
         self.suspect: dict[str, float] = {}  # node id -> when a worker died there (may be a lost node)
+        self.doomed: dict[str, float] = {}  # node id -> until when it is distrusted (a preemption notice)
         self.hang_error = None  # set by the hang monitor (HangConfig(action="fail")): the run ends with it
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
 
@@ -165,6 +166,7 @@ class Controller:
         last_size = 0
         while True:
             size = await self._choose_size(run)
+            start_tries = 0
             while True:
                 try:
                     group = await self._start_group(run, size, quick=sc.elastic and size > sc.min_workers)
@@ -174,6 +176,15 @@ class Controller:
                     if last_size and last_size < size:
                         run.grow_backoff_s = min(run.grow_backoff_s * 2, 60.0)
                     size = max(size - 1, sc.min_workers, last_size if last_size < size else 0)
+                except ray.exceptions.RayError as e:
+                    # a worker (or its node) died while the group was starting: nothing ran yet, so
+                    # nothing is lost; start again on what is left, a few times
+                    start_tries += 1
+                    if start_tries > _START_RETRIES:
+                        raise
+                    logger.debug("run %s: a worker died while the group started (%s); again", run.run_id, e)
+                    await asyncio.sleep(1.0)  # let Ray notice a lost node
+                    size = await self._choose_size(run)
             logger.debug("run %s: starting a group of %d (last %d)", run.run_id, size, last_size)
             if last_size and size != last_size:
                 ledger.emit(ev.Resized(attempt=run.attempt + 1, old_world_size=last_size, new_world_size=size,
@@ -515,6 +526,8 @@ class Controller:
             return
         info = run.group.infos[run.group.ranks[rank]]
         run.preempted[rank] = (info["node_id"], time.monotonic() + grace_s)
+        # a noticed node may be going away: elastic sizing leaves it out for its grace and then some
+        run.doomed[info["node_id"]] = time.monotonic() + grace_s + _SUSPECT_S
         run.ledger.emit(ev.Preempted(attempt=attempt, world_ranks=(rank,), node_id=info["node_id"],
                                      grace_s=grace_s))
 
@@ -790,13 +803,15 @@ def _root_cause_first(failures: list[WorkerFailure]) -> list[WorkerFailure]:
 
 _SUSPECT_S = 30.0
 _PROBE_S = 2.0  # how long a grow probe may wait for its placement group
-_NODE_GONE_SLACK_S = 2.0  # after a preemption's grace, how long a restart still waits for the node to leave
+_START_RETRIES = 3  # group starts that may fail because a worker died meanwhile, per attempt
+_NODE_GONE_SLACK_S = 5.0  # after a preemption's grace, how long a restart still waits for the node to leave
 
 
 def _trusted(run: _Run, per_node: dict) -> dict:
     """Leave out nodes where a worker died lately: a lost node looks alive until Ray notices."""
     now = time.monotonic()
-    return {n: r for n, r in per_node.items() if now - run.suspect.get(n, -1e9) > _SUSPECT_S}
+    return {n: r for n, r in per_node.items()
+            if now - run.suspect.get(n, -1e9) > _SUSPECT_S and now > run.doomed.get(n, 0.0)}
 
 
 def _resources_by_node(available: bool) -> dict:
