@@ -60,17 +60,25 @@ def counter(config: dict):
             time.sleep(cfg["step_s"])
         metrics = {"step": step, "world_size": ctx.get_world_size(), "attempt": ctx.get_attempt()}
         save = step % every == 0 or step == cfg["steps"] or ctx.is_preempted()
-        if save and ctx.get_world_rank() == 0:
-            d = tempfile.mkdtemp(prefix="counter_")
-            try:
-                with open(os.path.join(d, "counter.json"), "w") as f:
-                    json.dump({"step": step}, f)
-                trainkit.report(metrics, checkpoint=trainkit.Checkpoint.from_directory(d))
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
-        else:
-            trainkit.report(metrics)
+        def write(d: str, step=step) -> None:
+            with open(os.path.join(d, "counter.json"), "w") as f:
+                json.dump({"step": step}, f)
+
+        _report(metrics, write if save and ctx.get_world_rank() == 0 else None)
     return step
+
+
+def _report(metrics: dict, write=None) -> None:
+    """``report(metrics)``, with a checkpoint folder filled by ``write(folder)`` when given."""
+    if write is None:
+        trainkit.report(metrics)
+        return
+    d = tempfile.mkdtemp(prefix="trainkit_workload_")
+    try:
+        write(d)
+        trainkit.report(metrics, checkpoint=trainkit.Checkpoint.from_directory(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 counter.config_keys = tuple(COUNTER_DEFAULTS)
@@ -150,16 +158,11 @@ def digits(config: dict):
         if cfg["step_s"]:
             time.sleep(cfg["step_s"])
         metrics = {"step": step, "epoch": epoch, "loss": float(loss.item()), "world_size": world_size}
-        if rank == 0:
-            d = tempfile.mkdtemp(prefix="digits_")
-            try:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                           os.path.join(d, "digits.pt"))
-                trainkit.report(metrics, checkpoint=trainkit.Checkpoint.from_directory(d))
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
-        else:
-            trainkit.report(metrics)
+        def write(d: str, step=step) -> None:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+                       os.path.join(d, "digits.pt"))
+
+        _report(metrics, write if rank == 0 else None)
     return step
 
 
