@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from _common import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,13 +56,8 @@ def main() -> int:
     median = statistics.median(walls)
     ok = median < a.target_s and all(r["passed"] for r in runs)
     print(f"target: median wall < {a.target_s:.0f} s and every verdict passed -> {'OK' if ok else 'MISSED'}")
-    if a.json:
-        data = {"scenario": a.scenario, "runs": runs, "median_wall_s": median, "target_s": a.target_s, "ok": ok}
-        if a.json == "-":
-            print(json.dumps(data, indent=2))
-        else:
-            with open(a.json, "w") as f:
-                json.dump(data, f, indent=2)
+    write_json({"scenario": a.scenario, "runs": runs, "median_wall_s": median, "target_s": a.target_s, "ok": ok},
+               a.json)
     return 0 if ok else 1
 
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from _common import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,9 +62,7 @@ def main(argv=None) -> int:
     ok = res["exit_code"] == 0 and res["wall_s"] <= args.target_s
     res["target_s"] = args.target_s
     res["target_met"] = ok
-    if args.json == "-":
-        print(json.dumps(res, indent=2))
-    else:
+    if args.json != "-":
         print(f"conformance suite on {res['backend']}: {res['cases']} cases in {res['wall_s']:.1f} s "
               f"(target <= {args.target_s:.0f} s) -> {'OK' if ok else 'MISSED'}")
         print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(res["outcomes"].items())))
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
               f"on {res['cpus']} CPUs")
         if res["exit_code"] not in (0, 1):
             print(res["tail"])
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+    write_json(res, args.json)
     return 0 if ok else 1
 
 

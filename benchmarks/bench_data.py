@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from _common import write_json
+
 
 def _dataset(rows: int):
     import numpy as np
@@ -181,13 +183,7 @@ def main(argv=None) -> int:
             print(f"  state_dict + save_shard_state ({k}): mean {v['mean_ms']} ms, median {v['median_ms']} ms, "
                   f"p99 {v['p99_ms']} ms; state_dict + json.dumps alone {v['state_dict_json_mean_ms']} ms")
         print(f"  state checkpoint < 5 ms per report: {'ok' if ok_state else 'MISSED'}")
-    if args.json:
-        text = json.dumps(figures, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    write_json(figures, args.json)
     return 0 if ok_tp and ok_state else 1
 
 

@@ -34,7 +34,6 @@ JSON). Prints a table; exits 0 when every target holds, 1 when one is missed (it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -44,6 +43,8 @@ import sys
 import tempfile
 import time
 import uuid
+
+from _common import write_json
 
 WORKERS = 2
 FIT_REPORTS = 5
@@ -448,13 +449,9 @@ def main(argv=None) -> int:
     report["total_s"] = time.perf_counter() - t_start
     report["missed"] = evaluate(report)
     report["ok"] = not report["missed"]
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
+    if args.json != "-":
         print_table(report)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+    write_json(report, args.json)
     return 0 if report["ok"] else 1
 
 

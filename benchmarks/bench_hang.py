@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from _common import write_json
+
 WORKERS = 4
 TIMEOUT_S = 2.0
 TARGET_S = 3.5
@@ -129,12 +131,7 @@ def main(argv=None) -> int:
         "raise_s": [r["raise_s"] for r in good], "load_average": os.getloadavg(),
     }
     ok = len(good) == len(rows) and all(r["classified"] and r["detect_s"] < TARGET_S for r in good)
-    if args.json:
-        text = json.dumps(fig, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            open(args.json, "w").write(text + "\n")
+    write_json(fig, args.json)
     if args.json != "-":
         def rng(xs):
             return f"{min(xs):.3f}-{max(xs):.3f} s (median {statistics.median(xs):.3f})" if xs else "n/a"

@@ -19,7 +19,6 @@ Prints a table; exits 0 when every target holds, 1 when one is missed (2: bad ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _common import write_json
 
 FIT_TARGET_S = 0.050
 COMMIT_RATIO_TARGET = 1.5
@@ -190,13 +191,9 @@ def main(argv=None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     report = {"machine": machine_info, "import_s": import_s, "fit": fit, "commit": commit,
               "ok": fit["ok"] and commit["ok"]}
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
+    if args.json != "-":
         print_table(report)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+    write_json(report, args.json)
     return 0 if report["ok"] else 1
 
 

@@ -24,12 +24,13 @@ machine: the suites are timed end to end and share the CPUs with whatever else r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import subprocess
 import sys
+
+from _common import write_json
 import tempfile
 import time
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": load},
               "suites": rows, "ok": ok}
     if args.json == "-":
-        print(json.dumps(report, indent=1))
+        write_json(report, "-")
         return 0 if ok else 1
     print(f"load average at start: {load:.1f}; {os.cpu_count()} CPUs")
     print(f"{'suite':<10} {'tests':>5} {'passed':>6} {'total s':>8} {'s/test':>7} {'target':>8}  verdict")
@@ -156,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{target:>8}  {verdict}")
         if r["exit_code"]:
             print(r["output_tail"], file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(report, args.json)
     return 0 if ok else 1
 
 
