@@ -8,7 +8,11 @@
 Importing this package imports neither Ray nor torch.
 """
 
-from fault_injection.broker import NodeBroker
+from trainkit._extras import require as _require
+
+_require("testing", "fault_injection (FaultPlan, scenarios)", ("pydantic", "yaml"))
+
+from fault_injection.broker import NodeBroker  # noqa: E402 - after the extra is known to be there
 from fault_injection.faults import (AddNode, Fault, Hang, KillNode, KillWorker, Preempt, Raise, Slow, StorageFault,
                                     Trigger)
 from fault_injection.injector import FaultPlan

@@ -1,4 +1,15 @@
-"""Shared fixtures for trainkit's own tests.
+"""Shared fixtures, tiers and Hypothesis profiles for trainkit's own tests.
+
+Tiers: every test is marked with its tier, from its folder: ``unit`` (tests/unit: pure
+logic, no Ray, no subprocess), ``integration`` (tests/integration and tests/conformance: a
+real local Ray, moto, py-spy, subprocesses), ``property`` (tests/property) and ``plugin``
+(tests/plugin). A test under tests/unit that needs a subprocess or a binary says so with
+``@pytest.mark.integration`` and runs in the integration tier. ``.ci/run`` runs the unit tier
+first (``-m unit``) and stops there on a failure.
+
+Hypothesis: the ``deterministic`` profile (the default) derives every example from the test
+itself (``derandomize=True``), so the suite gives the same answer on every run and every
+machine. Random exploration is ``--hypothesis-profile=explore`` (``.ci/explore``).
 
 ``s3_server`` starts one moto S3 server per test process (each pytest-xdist worker gets
 its own, on its own free port) and points boto3/s3fs at it through the environment;
@@ -11,8 +22,34 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+TIERS = ("unit", "integration", "property", "plugin")
+_FOLDER_TIER = {"unit": "unit", "integration": "integration", "conformance": "integration",
+                "property": "property", "plugin": "plugin"}
+_TESTS = Path(__file__).parent
+
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, database=None, print_blob=True)
+settings.load_profile("deterministic")  # `--hypothesis-profile=explore` replaces it at configure time
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        try:
+            folder = Path(str(item.fspath)).relative_to(_TESTS).parts[0]
+        except ValueError:  # a test outside tests/ (pytester's inner sessions)
+            continue
+        tier = _FOLDER_TIER.get(folder)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests/{folder} has no tier; add it to tests/conftest.py")
+        if tier == "unit" and item.get_closest_marker("integration"):
+            tier = "integration"
+        item.add_marker(tier)
 
 pytest_plugins = ["pytester"]  # the plugin tests in tests/plugin run pytest inside pytest
 

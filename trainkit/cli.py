@@ -1,34 +1,46 @@
-"""``trainkit chaos | diagnose | conformance``: parse the command line, call, return the exit code.
+"""The ``trainkit`` command: parse the command line, run one subcommand, map errors to exit codes.
 
 Each subcommand lives with its subsystem and is imported only when it runs, so
-``trainkit --help`` starts instantly and a broken optional dependency of one command
-never breaks another:
+``trainkit --help`` starts instantly and a missing optional dependency of one command
+never breaks another (it is named, with the pip command, before anything is imported):
 
-    chaos        fault_injection.chaos.main(args)         exit 0 pass, 1 expectation failed, 2 bad scenario/usage
-    diagnose     trainkit.diagnostics.report.main(args)   exit 0 readable, 1 run failed or hung, 2 usage
-    conformance  conformance.runner.main(args)            exit 0 nothing failed, 1 some case failed, 2 usage
+    chaos        fault_injection.chaos.main(args)         extra: chaos
+    diagnose     trainkit.diagnostics.report.main(args)   (core)
+    conformance  conformance.runner.main(args)            extra: testing
 
-Every ``--json OUT`` writes its report to the file ``OUT`` (``-`` for stdout).
+The one error boundary: a ``TrainkitError`` is printed as ``error:`` (and ``hint:``) and
+exits 2, with a traceback only under ``-v``; a closed pipe (``trainkit diagnose RUN | head``)
+ends the command quietly. Every ``--json OUT`` writes its report to ``OUT`` (``-``: stdout).
+Runs in the user's shell process.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 USAGE_ERROR = 2
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell tool killed by a closed pipe returns
+
+DESCRIPTION = "Test, break and debug distributed PyTorch training: the trainkit runtime's command line."
+EPILOG = """exit codes: 0 ok; 1 the run, scenario or check failed; 2 bad input or a missing extra.
+Run `trainkit COMMAND --help` for a command's options. Docs: docs/index.md"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainkit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="trainkit", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     from trainkit import __version__
 
     p.add_argument("--version", action="version", version=f"trainkit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    c = sub.add_parser("chaos", help="run a fault-injection scenario and check its expectations",
+    c = sub.add_parser("chaos", help="run a fault-injection scenario on a local Ray cluster and check its expectations",
                        description="Run a scenario YAML on a local cluster, inject its faults and "
                                    "check every expectation against the run's event stream.")
     c.add_argument("path", metavar="PATH", help="scenario file (YAML, version: 1)")
@@ -37,39 +49,73 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="OUT", default=None, help="write the verdict as JSON to OUT (- for stdout)")
     c.add_argument("--plot", metavar="OUT.png", default=None, help="draw the timeline to a PNG file")
     c.add_argument("--storage", default=None, help="storage path for the run (default: a temporary folder)")
-    c.set_defaults(entry="fault_injection.chaos:main")
+    c.set_defaults(entry="fault_injection.chaos:main", extra="chaos")
 
-    d = sub.add_parser("diagnose", help="explain a run: status, failures, hangs with stacks",
+    d = sub.add_parser("diagnose", help="explain a run: status, failures, hangs with the stuck ranks' stacks",
                        description="Read a run folder (local path, s3:// URL or run name under the "
                                    "default storage) and explain what happened. Reads JSON and text only.")
     d.add_argument("run", metavar="RUN", help="run folder, s3:// URL, or run name under $TRAINKIT_STORAGE_PATH")
     d.add_argument("--live", action="store_true", help="dump fresh stacks of every rank of a running run")
     d.add_argument("--json", metavar="OUT", default=None, help="write the report as JSON to OUT (- for stdout)")
-    d.set_defaults(entry="trainkit.diagnostics.report:main")
+    d.set_defaults(entry="trainkit.diagnostics.report:main", extra=None)
 
-    k = sub.add_parser("conformance", help="run the conformance suite against a backend",
+    k = sub.add_parser("conformance", help="run the conformance suite against a backend (ray, local, ray_train, ...)",
                        description="Run the backend-agnostic conformance cases against one backend and "
                                    "print a table by category.")
     k.add_argument("--backend", required=True, help="backend name (ray, local, ray_train, or a registered one)")
     k.add_argument("-k", dest="keyword", metavar="EXPR", default=None, help="only cases matching EXPR (pytest -k)")
     k.add_argument("--json", metavar="OUT", default=None, help="write the outcome per case as JSON to OUT")
-    k.set_defaults(entry="conformance.runner:main")
+    k.set_defaults(entry="conformance.runner:main", extra="testing")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    module, _, func = args.entry.partition(":")
+    args = argparse.Namespace(command="", verbose=False)
     try:
-        entry = getattr(importlib.import_module(module), func)
-    except ImportError as e:
-        print(f"trainkit {args.command}: cannot load {module} ({e})", file=sys.stderr)
-        return USAGE_ERROR
-    try:
-        return int(entry(args) or 0)
+        try:
+            args = _parser().parse_args(argv)
+            code = _run(args)
+        except SystemExit as e:  # --help, --version and usage errors: argparse prints, then exits
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else USAGE_ERROR)
+        sys.stdout.flush()  # a closed pipe shows here, inside the boundary, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"trainkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one error boundary: trainkit's own errors are user-facing
+        from trainkit.errors import TrainkitError
+
+        if not isinstance(e, TrainkitError):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        hint = getattr(e, "hint", "")
+        if hint and hint not in str(e):
+            print(f"hint: {hint}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.extra:
+        from trainkit._extras import require
+
+        require(args.extra, f"trainkit {args.command}")
+    module, _, func = args.entry.partition(":")
+    entry = getattr(importlib.import_module(module), func)
+    return int(entry(args) or 0)
+
+
+def _silence_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so that Python's exit-time flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,6 +81,24 @@ def _rebuild_scenario_error(cls, message, path, line, key, suggestion):
     return cls(message, path=path, line=line, key=key, suggestion=suggestion)
 
 
+class MissingExtraError(TrainkitError, ImportError):
+    """A feature needs an optional dependency group (an "extra") that is not installed.
+
+    The message names the feature, the missing modules and the extra; ``hint`` is the exact
+    pip command that installs it.
+    """
+
+    def __init__(self, feature: str, extra: str, missing: list[str] | tuple[str, ...], hint: str):
+        self.feature = feature
+        self.extra = extra
+        self.missing = tuple(missing)
+        self.hint = hint
+        super().__init__(f"{feature} needs the '{extra}' extra (not installed: {', '.join(self.missing)})")
+
+    def __reduce__(self):
+        return (type(self), (self.feature, self.extra, self.missing, self.hint))
+
+
 class StorageError(TrainkitError):
     """The run's storage cannot be reached, read or written."""
 

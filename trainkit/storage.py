@@ -67,10 +67,14 @@ def resolve_filesystem(path: str, filesystem: Any = None):
         return filesystem, path
     import fsspec.core
 
+    if str(path).startswith(("s3://", "s3a://")):
+        from trainkit._extras import require
+
+        require("s3", f"storage {path!r}")
     try:
         fs, stripped = fsspec.core.url_to_fs(path)
     except (ImportError, ValueError) as e:
-        raise StorageError(f"cannot open storage {path!r}: {e}. For s3:// install trainkit[s3].") from e
+        raise StorageError(f"cannot open storage {path!r}: {e}") from e
     return fs, stripped
 
 

@@ -45,10 +45,10 @@ def validate_train_fn(fn: Any) -> bool:
         raise ConfigError("train_loop_per_worker", getattr(fn, "__name__", fn),
                           f"a function with 0 or 1 required arguments (it has {n})",
                           hint="take one `config` dict and pass values with train_loop_config")
-    import cloudpickle
+    from trainkit._serialize import dumps_train_fn
 
     try:
-        cloudpickle.dumps(fn)
+        dumps_train_fn(fn)
     except Exception as e:  # noqa: BLE001 - any pickling failure is the same user error
         raise ConfigError("train_loop_per_worker", getattr(fn, "__name__", fn),
                           "a function that can be pickled to worker processes",

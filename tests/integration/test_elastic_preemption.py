@@ -66,7 +66,11 @@ def _stepping_loop(config):
     ctx = trainkit.get_context()
     ck = trainkit.get_checkpoint()
     step = int(open(os.path.join(ck.path, "step")).read()) if ck else 0
-    while not os.path.exists(os.path.join(config["dir"], "stop")) and step < 500:
+    while step < 500:
+        # One decision for the group: ranks reading the file themselves could disagree and leave
+        # one rank at a report barrier that the others never reach.
+        if trainkit.collective.broadcast_from_rank_zero(os.path.exists(os.path.join(config["dir"], "stop"))):
+            break
         step += 1
         d = tempfile.mkdtemp()
         if ctx.get_world_rank() == 0:

@@ -166,6 +166,7 @@ def test_debugger_events_are_shown(tmp_path):
     assert "debugger: rank 1 listens on 127.0.0.1:5678" in render_short(rep)
 
 
+@pytest.mark.integration  # a subprocess and the py-spy binary: not in the unit tier
 def test_live_dumps_fresh_stacks_of_the_running_ranks_with_py_spy(tmp_path, capsys):
     import subprocess
     import sys

@@ -8,8 +8,8 @@ import pickle
 import pytest
 
 from trainkit import errors
-from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, ReportError,
-                             ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
+from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, MissingExtraError,
+                             ReportError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
                              WorkerFailure, WorkerGroupError)
 
 _FAILURES = [
@@ -32,9 +32,10 @@ _EXAMPLES = [
     WorkerGroupError("rank 1 died", _FAILURES),
     ControllerError("placement group never ready"),
     HangDetectedError("ranks [1] missing at report 3", _FAILURES[:1]),
+    MissingExtraError("trainkit chaos", "chaos", ["pydantic", "yaml"], "pip install 'trainkit[chaos]'"),
 ]
 
-_FIELDS = ("field", "value", "allowed", "hint", "path", "line", "key", "suggestion", "message", "failures")
+_FIELDS = ("feature", "extra", "missing", "field", "value", "allowed", "hint", "path", "line", "key", "suggestion", "message", "failures")
 
 
 def _exception_classes():

@@ -59,13 +59,13 @@ class RayTrainBackend:
         import ray.train
         import ray.train.torch
 
-        from trainkit.backends.ray import pickle_train_fn
+        from trainkit._serialize import dumps_train_fn
 
         rc = spec.run_config
         sc = spec.scaling_config
         ray_datasets = {k: v for k, v in spec.datasets.items() if _is_ray_dataset(v)}
         seq_datasets = {k: v for k, v in spec.datasets.items() if not _is_ray_dataset(v)}
-        cfg = {"fn": pickle_train_fn(spec.train_fn), "takes_config": spec.takes_config,
+        cfg = {"fn": dumps_train_fn(spec.train_fn), "takes_config": spec.takes_config,
                "config": spec.train_loop_config, "datasets": seq_datasets, "storage_path": rc.storage_path,
                "name": rc.name, "local_mode": sc.local_mode,
                "hooks": [cb.worker_hook() for cb in rc.callbacks if hasattr(cb, "worker_hook")]}
@@ -254,11 +254,10 @@ def _count_attempt(store, rank: int) -> int:
 
 def _ray_train_loop(cfg: dict):
     """The function Ray Train runs on every worker: install the forwarder, run the user's function."""
-    import cloudpickle
-
+    from trainkit._serialize import loads_train_fn
     from trainkit.session import _set_session
 
-    fn = cloudpickle.loads(cfg["fn"])
+    fn = loads_train_fn(cfg["fn"])
     _set_session(_Forwarder(cfg))
     try:
         config = cfg["config"] if cfg["config"] is not None else {}

@@ -17,6 +17,7 @@ import uuid
 from typing import Any, Optional
 
 from trainkit import _env, backends
+from trainkit._serialize import dumps_train_fn
 from trainkit.storage import RunStore
 
 _controller_lock = threading.Lock()
@@ -72,27 +73,6 @@ def release_warm_workers() -> None:
             pass
 
 
-def pickle_train_fn(fn) -> bytes:
-    """cloudpickle the function, by value for modules that workers may not be able to import."""
-    import cloudpickle
-
-    mod = sys.modules.get(getattr(fn, "__module__", "") or "")
-    by_value = (mod is not None and mod.__name__ not in ("__main__",) and not mod.__name__.startswith(
-        ("trainkit.", "torch", "ray")) and _is_user_module(mod))
-    if by_value:
-        cloudpickle.register_pickle_by_value(mod)
-    try:
-        return cloudpickle.dumps(fn)
-    finally:
-        if by_value:
-            cloudpickle.unregister_pickle_by_value(mod)
-
-
-def _is_user_module(mod) -> bool:
-    path = getattr(mod, "__file__", None) or ""
-    return bool(path) and "site-packages" not in path and "dist-packages" not in path
-
-
 class _Progress:
     """One live line on a terminal: report index, latest metrics, world size, attempt."""
 
@@ -136,7 +116,7 @@ class RayBackend:
         spec = with_env_debugger(spec)  # TRAINKIT_DEBUG_RANK: a RankDebugger callback
         rc = spec.run_config
         RunStore(rc.storage_path, rc.name, rc.storage_filesystem).ensure()  # fail before any worker starts
-        fn_bytes = pickle_train_fn(spec.train_fn)
+        fn_bytes = dumps_train_fn(spec.train_fn)
         ensure_ray()
         if spec.datasets:  # Ray Datasets execute once, here, in id order: bad ones fail before workers start
             from trainkit.data import prepare_datasets

@@ -165,7 +165,7 @@ class RankWorker:
     def run(self, fn_bytes: bytes, takes_config: bool, config: Any, info: dict, store, controller,
             run_id: str, start: dict, datasets: dict, hooks: list, log_path: Optional[str]) -> dict:
         """Run the training function on this rank; return {"ok": value} or {"failure": {...}}."""
-        import cloudpickle
+        from trainkit._serialize import loads_train_fn
 
         self._preempted.clear()
         rank_info = RankInfo(**info)
@@ -201,7 +201,7 @@ class RankWorker:
         emit = lambda event: ray.get(controller.record_event.remote(run_id, rank_info.attempt, event))  # noqa: E731
         try:
             _debug.before_run(session.context, hooks, emit)  # TRAINKIT_DEBUG_RANK: wait for a debugger
-            fn = cloudpickle.loads(fn_bytes)
+            fn = loads_train_fn(fn_bytes)
             value = fn(config if config is not None else {}) if takes_config else fn()
             return {"ok": True, "value": value, "index": session.index}
         except _Interrupted as e:
