@@ -15,6 +15,7 @@ Exit codes: 0 every expectation holds, 1 some do not, 2 bad scenario or usage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -275,27 +276,44 @@ class _Tail(threading.Thread):
 
 # -- the command ---------------------------------------------------------------------------
 def main(args) -> int:
-    """``trainkit chaos``: 0 all expectations hold, 1 some fail, 2 bad scenario or usage."""
+    """``trainkit chaos``: 0 all expectations hold, 1 some fail, 2 bad scenario or usage.
+
+    The terminal shows trainkit's own output only: Ray's driver-side output of the embedded
+    cluster (nodes and workers the scenario killed, state dumps, connection notes, C++ logs)
+    goes to ``logs/ray-driver.log`` in the run folder.
+    """
+    fd, ray_log = tempfile.mkstemp(prefix="trainkit-chaos-ray-", suffix=".log")
+    os.close(fd)
+    with _ray_output_to(ray_log) as (out, err):
+        code, run_path = _main(args, out, err)
+        kept = _keep_ray_log(ray_log, run_path)
+        if kept:
+            print(f"Ray's own output: {kept}", file=out if getattr(args, "json", None) != "-" else err)
+    return code
+
+
+def _main(args, out, err) -> tuple[int, Optional[str]]:
     from rich.console import Console
 
     to_stdout = getattr(args, "json", None) != "-"
-    console = Console(file=sys.stdout if to_stdout else sys.stderr, highlight=False, soft_wrap=True)
+    console = Console(file=out if to_stdout else err, highlight=False, soft_wrap=True)
     try:
         scenario = load_scenario(args.path)
     except ScenarioError as e:
-        _usage_error(console, str(e), "fix the scenario file (its format: docs/chaos.md, docs/scenario.schema.json)")
-        return USAGE_ERROR
+        _usage_error(err, str(e), "fix the scenario file (its format: docs/chaos.md, docs/scenario.schema.json)")
+        return USAGE_ERROR, None
     backend = getattr(args, "backend", None) or scenario.backend or "ray"
-    console.print(f"[bold]trainkit chaos[/]: {scenario.name} ({len(scenario.faults)} fault(s), backend {backend})"
-                  + (f" - {scenario.description.strip().splitlines()[0]}" if scenario.description.strip() else ""))
+    console.print(f"[bold]trainkit chaos[/]: {scenario.name} ({len(scenario.faults)} fault(s), backend {backend})")
+    if scenario.description.strip():  # the whole description, as one paragraph
+        console.print(" ".join(scenario.description.split()), markup=False, soft_wrap=False)
     live = console.is_terminal
     try:
         outcome = run_scenario(scenario, backend=backend, seed=getattr(args, "seed", None),
                                storage=getattr(args, "storage", None),
                                on_line=(lambda line: console.print(f"[dim]{line}[/]")) if live else None)
     except ConfigError as e:
-        _usage_error(console, str(e), getattr(e, "hint", "") or "check the scenario and the command line")
-        return USAGE_ERROR
+        _usage_error(err, str(e), getattr(e, "hint", "") or "check the scenario and the command line")
+        return USAGE_ERROR, None
     report(console, outcome, show_timeline=not live)
     if getattr(args, "plot", None):
         timeline.plot(outcome.events, args.plot, title=f"trainkit chaos: {scenario.name}")
@@ -303,15 +321,70 @@ def main(args) -> int:
     if getattr(args, "json", None):
         text = json.dumps(outcome.to_json(), indent=2, default=str)
         if args.json == "-":
-            sys.stdout.write(text + "\n")
+            out.write(text + "\n")
+            out.flush()
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-    return 0 if outcome.passed else 1
+    return (0 if outcome.passed else 1), outcome.run_path
 
 
-def _usage_error(console, message: str, hint: str) -> None:
-    print(f"error: {message}\nhint: {hint}", file=sys.stderr)
+@contextlib.contextmanager
+def _ray_output_to(path: str):
+    """Send what is written to file descriptors 1 and 2 inside the block to ``path``; yield (out, err)
+    streams that stay on the original stdout and stderr, for trainkit's own output.
+
+    Ray's driver prints the errors its cluster publishes (a raylet or worker that died, with a
+    state dump) with ``print`` on ``sys.stdout``, logs through handlers bound to the original
+    ``sys.stderr``, and its C++ core writes to fd 2: only a redirection of the descriptors
+    catches all three. Streams without a descriptor (pytest's capsys) are left as they are.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        if (sys.stdout.fileno(), sys.stderr.fileno()) != (1, 2):
+            raise ValueError("not the process's stdout/stderr")
+    except (AttributeError, OSError, ValueError):
+        yield sys.stdout, sys.stderr
+        return
+    saved = [os.dup(1), os.dup(2)]
+    out = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding=sys.stdout.encoding, errors="replace")
+    err = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield out, err
+    finally:
+        for stream in (sys.stdout, sys.stderr, out, err):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+        out.close()
+        err.close()
+
+
+def _keep_ray_log(path: str, run_path: Optional[str]) -> Optional[str]:
+    """Move Ray's output into the run folder (``logs/ray-driver.log``); where it stays when that fails."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        if os.path.exists(path):
+            os.remove(path)
+        return None
+    if run_path and "://" not in run_path and os.path.isdir(run_path):  # remote storage: its server is gone
+        dest = os.path.join(run_path, "logs", "ray-driver.log")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(path, dest)
+        return dest
+    return path
+
+
+def _usage_error(err, message: str, hint: str) -> None:
+    print(f"error: {message}\nhint: {hint}", file=err)
 
 
 def report(console, outcome: Outcome, show_timeline: bool = True) -> None:

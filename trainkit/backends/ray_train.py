@@ -56,6 +56,9 @@ class RayTrainBackend:
         return f"ray {ray.__version__} (Ray Train V2)"
 
     def run(self, spec: backends.TrainSpec):
+        from trainkit._extras import require
+
+        require("ray-train", "the ray_train backend")
         import ray.train
         import ray.train.torch
 
