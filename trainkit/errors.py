@@ -93,7 +93,8 @@ class MissingExtraError(TrainkitError, ImportError):
         self.extra = extra
         self.missing = tuple(missing)
         self.hint = hint
-        super().__init__(f"{feature} needs the '{extra}' extra (not installed: {', '.join(self.missing)})")
+        super().__init__(f"{feature} needs the '{extra}' extra (not installed: {', '.join(self.missing)}); "
+                         f"install it with: {hint}")
 
     def __reduce__(self):
         return (type(self), (self.feature, self.extra, self.missing, self.hint))

@@ -39,7 +39,7 @@ from trainkit.storage import EVENTS, MANIFEST, RunStore
 from trainkit.torch import TorchTrainer
 from trainkit_testing.exactly_once import ExactlyOnce, assert_exactly_once
 
-from fault_injection import FaultPlan, NodeBroker
+from fault_injection import FaultPlan, NodeBroker, timeline
 from fault_injection.strategies import fault_schedules
 from fault_injection.verdicts import lost_checkpoints
 
@@ -219,7 +219,9 @@ def test_any_schedule_of_kills_raises_and_preemptions_keeps_every_epoch_exactly_
                                                                                       schedule):
     result, events, store = _fit(str(tmp_path), local_ray, workers=WORLD_SIZE, faults=schedule,
                                  max_failures=MAX_FAULTS)
+    story = "\n".join(timeline.text_lines(events))  # the run, for the failure message
+    assert result.error is None, f"{schedule}: the run failed: {result.error}\n{story}"
     fired = [e for e in events if e.type == "fault_injected"]
-    assert sorted(e.index for e in fired) == [f["at"]["report"] for f in schedule], schedule
+    assert sorted(e.index for e in fired) == [f["at"]["report"] for f in schedule], f"{schedule}\n{story}"
     _check_run(result, events, store, ROWS)
     assert [i for i, _ in lineage(events)] == list(range(1, REPORTS + 1)), schedule
