@@ -34,8 +34,8 @@ def describe(e: ev.Event) -> Optional[str]:
                 f"on {where}" + (f" [{params}]" if params else ""))
     if isinstance(e, ev.WorkerFailed):
         first = e.failures[0] if e.failures else {}
-        what = f"{first.get('exc_type', '')}: {first.get('message', '')}".strip(": ")
-        return (f"{e.kind} in attempt {e.attempt}: rank {first.get('world_rank')} {what[:100]}"
+        what = f"{first.get('exc_type', '')}: {_headline(first.get('message', ''))}".strip(": ")
+        return (f"{e.kind} in attempt {e.attempt}: rank {first.get('world_rank')} {what}"
                 f" -> {'retry' if e.will_retry else 'no retry'}")
     if isinstance(e, ev.GroupRestarted):
         return f"group restarted (attempt {e.attempt}) from report {e.from_index}"
@@ -48,6 +48,17 @@ def describe(e: ev.Event) -> Optional[str]:
     if isinstance(e, ev.RunFinished):
         return f"run {e.status} after {e.attempts} attempt(s), last report {e.last_index}"
     return None
+
+
+def _headline(message: str, limit: int = 100) -> str:
+    """The first clause of a failure message (the details stay in the event and in `trainkit diagnose`)."""
+    text = " ".join(message.split())
+    for stop in (" (", ". "):
+        if stop in text:
+            text = text[:text.index(stop)]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def text_lines(events: list) -> list[str]:

@@ -680,6 +680,11 @@ class Controller:
         workers = [_make_worker(pg, i, res, env) for i in range(size)]
         try:
             infos = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in workers]), timeout_s)
+        except asyncio.TimeoutError:
+            _Group(key, pg, workers, []).kill()
+            raise ControllerError(f"{size} worker(s) were placed but did not start within {timeout_s:.0f} s "
+                                  "(TRAINKIT_WORKER_START_TIMEOUT_S): the machine is overloaded, or worker "
+                                  "processes are slow to import their runtime environment") from None
         except Exception:
             _Group(key, pg, workers, []).kill()
             raise
