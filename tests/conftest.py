@@ -50,6 +50,22 @@ def pytest_collection_modifyitems(config, items):
         if tier == "unit" and item.get_closest_marker("integration"):
             tier = "integration"
         item.add_marker(tier)
+    # The longest tests first (property runs take minutes), each module kept together: with
+    # --maxschedchunk=1 (below) xdist hands them out one at a time, so no worker idles at the end
+    # while the other works through the property tests.
+    items.sort(key=lambda item: _RUN_ORDER.get(_tier_of(item), len(_RUN_ORDER)))
+
+
+_RUN_ORDER = {"property": 0, "integration": 1, "plugin": 2, "unit": 3}
+
+
+def _tier_of(item) -> str:
+    return next((m.name for m in item.iter_markers() if m.name in TIERS), "")
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "maxschedchunk", 1) is None:
+        config.option.maxschedchunk = 1
 
 pytest_plugins = ["pytester"]  # the plugin tests in tests/plugin run pytest inside pytest
 
