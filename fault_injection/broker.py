@@ -147,8 +147,11 @@ class NodeBroker:
             self._stop.wait(0.05)
 
     def _serve(self, request_id: int, op: dict) -> None:
+        handlers = {"kill_node": self._kill_node, "add_node": self._add_node, "preempt": self._preempt}
         try:
-            result = getattr(self, "_" + op["op"])(op)
+            if op.get("op") not in handlers:
+                raise ValueError(f"unknown node operation {op.get('op')!r} (known: {', '.join(handlers)})")
+            result = handlers[op["op"]](op)
         except Exception as e:  # noqa: BLE001 - the rank raises it, naming the fault
             result = {"error": f"{type(e).__name__}: {e}"}
         try:

@@ -208,8 +208,6 @@ def _shutdown_ray() -> None:
         ray_backend.release_warm_workers()
     finally:
         ray.shutdown()
-        # the controller handle cache is keyed by job id, which a later cluster reuses
-        ray_backend._controller.clear()
 
 
 def _start_s3(env: _Environ, storage: Optional[str]):

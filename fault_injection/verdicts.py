@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from trainkit import events as ev
 from trainkit.errors import TrainingFailedError
-from trainkit.ledger import lineage
+from trainkit.result import lineage
 
 
 @dataclass
@@ -51,7 +51,6 @@ def lost_checkpoints(events: list, state: Optional[dict], existing_dirs: Optiona
         if isinstance(e, ev.ReportCommitted) and e.checkpoint:
             latest = e.index
         elif isinstance(e, ev.AttemptStarted) and e.start_index != latest:
-            # set_attempt_ranks re-emits the same attempt: both must agree with the committed lineage
             problems.append(f"attempt {e.attempt} resumed from report {e.start_index}, but report {latest} "
                             "was the latest committed checkpoint")
         elif isinstance(e, ev.RunStarted):

@@ -251,6 +251,9 @@ class RunConfig:
 _BACKENDS = (None, "gloo", "nccl")
 
 
+PROCESS_GROUP_TIMEOUT_S = 1800.0  # torch.distributed's timeout for a collective when no TorchConfig says otherwise
+
+
 @dataclass(frozen=True)
 class TorchConfig:
     """torch.distributed settings: ``backend`` None picks NCCL with GPUs, else gloo.
@@ -260,7 +263,7 @@ class TorchConfig:
     """
 
     backend: Optional[str] = None
-    timeout_s: float = 1800
+    timeout_s: float = PROCESS_GROUP_TIMEOUT_S
     init_method: str = "env"
 
     def __post_init__(self):

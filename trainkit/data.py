@@ -418,8 +418,10 @@ class DataShard:
     """
 
     def __init__(self, source, world_rank: int, world_size: int, *, name: str = "",
-                 state_dict: Any = None, listeners: Sequence[Callable] = ()):
+                 state_dict: Any = None, listeners: Sequence[Callable] = (),
+                 default_device: Optional[Callable[[], Any]] = None):
         self.source = source
+        self.default_device = default_device
         self.name = name
         self.world_rank = world_rank
         self.world_size = world_size
@@ -585,7 +587,7 @@ class ShardIterable:
         n = p.order.size
         bs = o["batch_size"] or 1
         stop = n - n % bs if o["drop_last"] else n
-        torch_opts = _torch_opts(o) if o["batch_format"] == "torch" else None
+        torch_opts = _torch_opts(o, self._shard.default_device) if o["batch_format"] == "torch" else None
         for i in range(0, stop, bs):
             pos = p.order[i:i + bs]
             chunk = src.read(pos)
@@ -649,17 +651,13 @@ def _prefetched(gen: Iterator, depth: int) -> Iterator:
         stop.set()
 
 
-def _torch_opts(o: dict) -> dict:
+def _torch_opts(o: dict, default_device: Optional[Callable[[], Any]]) -> dict:
     import torch
 
     device = o.get("device", "auto")
     if device in (None, "auto"):
-        try:
-            from trainkit.torch import get_device
-
-            device = get_device()
-        except Exception:  # noqa: BLE001 - outside a session: the default device
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device() if default_device is not None else (
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # a shard built outside a session
     return {"device": torch.device(device), "dtypes": o.get("dtypes"), "collate_fn": o.get("collate_fn")}
 
 
@@ -700,10 +698,13 @@ def _move(obj: Any, device, dtype) -> Any:
 
 
 def make_shard(dataset: Any, world_rank: int, world_size: int, *, name: str = "", state_dict: Any = None,
-               listeners: Sequence[Callable] = ()) -> DataShard:
-    """This rank's ``DataShard`` of ``dataset`` (called by ``get_dataset_shard`` in the worker)."""
+               listeners: Sequence[Callable] = (), default_device: Optional[Callable[[], Any]] = None) -> DataShard:
+    """This rank's ``DataShard`` of ``dataset`` (called by ``get_dataset_shard`` in the worker).
+
+    ``default_device()`` gives the device of ``iter_torch_batches(device="auto")`` (the session
+    passes the rank's; without one, CUDA when available, else CPU)."""
     return DataShard(_source(dataset, name), world_rank, world_size, name=name, state_dict=state_dict,
-                     listeners=listeners)
+                     listeners=listeners, default_device=default_device)
 
 
 # -- saving states beside a checkpoint -----------------------------------------------------------

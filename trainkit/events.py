@@ -12,7 +12,6 @@ under torchrun); readers run anywhere.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Optional
@@ -237,7 +236,3 @@ class EventLog:
         text = "".join(self._pending)
         self._pending.clear()
         self._store.append_text("events.jsonl", text)
-
-
-def is_finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

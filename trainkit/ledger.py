@@ -20,9 +20,9 @@ from typing import Any, Optional
 from trainkit import events as ev
 from trainkit.checkpoint import Checkpoint
 from trainkit.config import CheckpointConfig
-from trainkit.errors import StorageError, TrainingFailedError, WorkerFailure
-from trainkit.policies import CheckpointEntry, decide_retention
-from trainkit.result import Result
+from trainkit.errors import TrainingFailedError, WorkerFailure
+from trainkit.policies import decide_retention
+from trainkit.result import Result, build_result, checkpoint_entries, lineage
 from trainkit.storage import EVENTS, MANIFEST, RESERVED, RunStore
 
 logger = logging.getLogger("trainkit")
@@ -46,21 +46,6 @@ def _new_state(name: str, ckpt_cfg: CheckpointConfig) -> dict:
 def _ckpt_cfg_dict(c: CheckpointConfig) -> dict:
     return {"num_to_keep": c.num_to_keep, "checkpoint_score_attribute": c.checkpoint_score_attribute,
             "checkpoint_score_order": c.checkpoint_score_order}
-
-
-def lineage(events: list) -> list[tuple[int, dict]]:
-    """(index, metrics) of the run's final lineage: a re-committed index drops what came after it."""
-    rows: list[tuple[int, dict]] = []
-    for e in events:
-        if isinstance(e, ev.ReportCommitted):
-            while rows and rows[-1][0] >= e.index:
-                rows.pop()
-            rows.append((e.index, dict(e.metrics)))
-    return rows
-
-
-def _entries(state: dict) -> list[CheckpointEntry]:
-    return [CheckpointEntry(c["index"], c["dir"], c.get("metrics") or {}) for c in state["checkpoints"]]
 
 
 class RunLedger:
@@ -125,12 +110,6 @@ class RunLedger:
                                            start_index=self.latest_index))
         return n
 
-    def set_attempt_ranks(self, ranks: list[dict]) -> None:
-        """Record rank -> node/pid once the group is up (an event, so diagnose can find pids)."""
-        a = self.state["attempts"][-1]
-        self.events.emit(ev.AttemptStarted(attempt=a["attempt"], world_size=a["world_size"],
-                                           ranks=tuple(ranks), start_index=self.latest_index))
-
     def end_attempt(self, outcome: str) -> None:
         if self.state["attempts"]:
             self.state["attempts"][-1].update(outcome=outcome, ended=time.time())
@@ -162,7 +141,7 @@ class RunLedger:
             ckpts.append(entry)
             self.state["checkpoints"] = ckpts
             self.state["latest_checkpoint"] = checkpoint_dir
-            entries = _entries(self.state)
+            entries = checkpoint_entries(self.state)
             retention = decide_retention(entries, self.config.num_to_keep,
                                          self.config.checkpoint_score_attribute,
                                          self.config.checkpoint_score_order)
@@ -223,7 +202,7 @@ class RunLedger:
                          flush=True)
 
     def result(self, return_value: Any = None, error: Optional[BaseException] = None) -> Result:
-        return _build_result(self.store, self.state, self._lineage, return_value=return_value, error=error)
+        return build_result(self.store, self.state, self._lineage, return_value=return_value, error=error)
 
     def _write(self) -> None:
         self.store.write_json_atomic(MANIFEST, self.state)
@@ -236,46 +215,3 @@ def shared_names(rank_files: dict) -> dict[str, list[int]]:
         for f in rank_files[rank] or ():
             by_name.setdefault(f, []).append(rank)
     return {f: ranks for f, ranks in by_name.items() if len(ranks) > 1}
-
-
-def _build_result(store: RunStore, state: dict, rows: list, *, return_value: Any = None,
-                  error: Optional[BaseException] = None) -> Result:
-    cfg = state.get("checkpoint_config") or {}
-    retention = decide_retention(_entries(state), cfg.get("num_to_keep"),
-                                 cfg.get("checkpoint_score_attribute"),
-                                 cfg.get("checkpoint_score_order", "max"))
-    best = [(Checkpoint(store.path(e.dir), store.fs), dict(e.metrics)) for e in retention.best]
-    latest = state.get("latest_checkpoint")
-    if error is None and state.get("error"):
-        error = TrainingFailedError.from_dict(state["error"])
-    return Result(
-        metrics=rows[-1][1] if rows else None,
-        checkpoint=Checkpoint(store.path(latest), store.fs) if latest else None,
-        path=store.run_path,
-        error=error,
-        best_checkpoints=best,
-        history=[m for _, m in rows],
-        return_value=return_value,
-        filesystem=store.fs,
-        attempts=len(state.get("attempts", [])),
-    )
-
-
-def split_run_path(path: str) -> tuple[str, str]:
-    """``/a/b/run`` -> (``/a/b``, ``run``); ``s3://bucket/x/run/`` -> (``s3://bucket/x``, ``run``)."""
-    p = path.rstrip("/")
-    if "/" not in p.split("://", 1)[-1]:
-        raise StorageError(f"{path!r} is not a run folder path (<storage_path>/<name>)")
-    parent, name = p.rsplit("/", 1)
-    return parent, name
-
-
-def load_result(path: str, filesystem: Any = None) -> Result:
-    parent, name = split_run_path(path)
-    store = RunStore(parent, name, filesystem)
-    state = store.read_json(MANIFEST)
-    if state is None:
-        raise StorageError(f"{store.uri} has no {MANIFEST}: it is not a trainkit run folder "
-                           "(or the run never started)")
-    read = ev.parse_events(store.read_bytes(EVENTS) or b"")
-    return _build_result(store, state, lineage(read.events))

@@ -11,7 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from trainkit import events as ev
 from trainkit.checkpoint import Checkpoint
+from trainkit.errors import StorageError, TrainingFailedError
+from trainkit.policies import CheckpointEntry, decide_retention
+from trainkit.storage import EVENTS, MANIFEST, RunStore
 
 
 class Result:
@@ -73,6 +77,63 @@ class Result:
     @classmethod
     def from_path(cls, path: str | os.PathLike, storage_filesystem: Any = None) -> "Result":
         """Load a run from its folder (local path or URI). Reads JSON only; unpickles nothing."""
-        from trainkit.ledger import load_result
-
         return load_result(os.fspath(path), storage_filesystem)
+
+
+# -- building a Result from a run folder's files (shared with the ledger, which builds fit()'s) --
+def lineage(events: list) -> list[tuple[int, dict]]:
+    """(index, metrics) of the run's final lineage: a re-committed index drops what came after it."""
+    rows: list[tuple[int, dict]] = []
+    for e in events:
+        if isinstance(e, ev.ReportCommitted):
+            while rows and rows[-1][0] >= e.index:
+                rows.pop()
+            rows.append((e.index, dict(e.metrics)))
+    return rows
+
+
+def checkpoint_entries(state: dict) -> list[CheckpointEntry]:
+    return [CheckpointEntry(c["index"], c["dir"], c.get("metrics") or {}) for c in state["checkpoints"]]
+
+
+def build_result(store: RunStore, state: dict, rows: list, *, return_value: Any = None,
+                  error: Optional[BaseException] = None) -> Result:
+    cfg = state.get("checkpoint_config") or {}
+    retention = decide_retention(checkpoint_entries(state), cfg.get("num_to_keep"),
+                                 cfg.get("checkpoint_score_attribute"),
+                                 cfg.get("checkpoint_score_order", "max"))
+    best = [(Checkpoint(store.path(e.dir), store.fs), dict(e.metrics)) for e in retention.best]
+    latest = state.get("latest_checkpoint")
+    if error is None and state.get("error"):
+        error = TrainingFailedError.from_dict(state["error"])
+    return Result(
+        metrics=rows[-1][1] if rows else None,
+        checkpoint=Checkpoint(store.path(latest), store.fs) if latest else None,
+        path=store.run_path,
+        error=error,
+        best_checkpoints=best,
+        history=[m for _, m in rows],
+        return_value=return_value,
+        filesystem=store.fs,
+        attempts=len(state.get("attempts", [])),
+    )
+
+
+def split_run_path(path: str) -> tuple[str, str]:
+    """``/a/b/run`` -> (``/a/b``, ``run``); ``s3://bucket/x/run/`` -> (``s3://bucket/x``, ``run``)."""
+    p = path.rstrip("/")
+    if "/" not in p.split("://", 1)[-1]:
+        raise StorageError(f"{path!r} is not a run folder path (<storage_path>/<name>)")
+    parent, name = p.rsplit("/", 1)
+    return parent, name
+
+
+def load_result(path: str, filesystem: Any = None) -> Result:
+    parent, name = split_run_path(path)
+    store = RunStore(parent, name, filesystem)
+    state = store.read_json(MANIFEST)
+    if state is None:
+        raise StorageError(f"{store.uri} has no {MANIFEST}: it is not a trainkit run folder "
+                           "(or the run never started)")
+    read = ev.parse_events(store.read_bytes(EVENTS) or b"")
+    return build_result(store, state, lineage(read.events))

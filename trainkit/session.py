@@ -13,6 +13,7 @@ from the checkpoint of report k makes report k+1 next.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
@@ -146,6 +147,25 @@ class _Session:
         return self._shards[name]
 
 
+def rank_device(info: "RankInfo"):
+    """The ``torch.device`` of the rank described by ``info``: its GPU (``cuda:<local index>``) when it
+    has one, else CPU. ``trainkit.torch.get_device()`` and the "auto" device of torch batches."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and visible.strip() == "":
+            return torch.device("cpu")
+        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        if info.world_size == 1:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def rank_shard(session, name: str, state_dict: Any = None):
     """This rank's shard of ``session.datasets[name]``, with the rank's report hooks that have
     ``on_batch`` listening to its batches. ``session`` is any per-rank session (``_Session``, or a
@@ -155,7 +175,8 @@ def rank_shard(session, name: str, state_dict: Any = None):
     ctx = session.context
     listeners = [(lambda n, e, ids, h=h: h.on_batch(ctx, n, e, ids)) for h in session.hooks if hasattr(h, "on_batch")]
     return make_shard(session.datasets[name], session.info.world_rank, session.info.world_size,
-                      name=name, state_dict=state_dict, listeners=listeners)
+                      name=name, state_dict=state_dict, listeners=listeners,
+                      default_device=functools.partial(rank_device, session.info))
 
 
 class TrainContext:
@@ -266,10 +287,6 @@ def record_fault(fields: dict) -> bool:
     already fired in this run (True where the coordinator keeps no stream, e.g. torchrun ranks > 0)."""
     fn = getattr(_require("record_fault").coordinator, "record_fault", None)
     return bool(fn(fields)) if fn is not None else True
-
-
-def in_session() -> bool:
-    return _current is not None
 
 
 def _mismatch(op_a: str, seq_a: int, op_b: str, seq_b: int, ranks: str) -> ReportError:

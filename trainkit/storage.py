@@ -23,7 +23,7 @@ import shutil
 import threading
 import tempfile
 import uuid
-from typing import Any, Iterable
+from typing import Any
 
 from trainkit.errors import StorageError
 
@@ -166,10 +166,6 @@ class RunStore:
                 "Check RunConfig.storage_path (and credentials / AWS_ENDPOINT_URL for s3://)."
             ) from e
 
-    def exists(self, rel: str) -> bool:
-        p = self.path(rel)
-        return os.path.exists(p) if self.local else self.fs.exists(p)
-
     def read_bytes(self, rel: str) -> bytes | None:
         p = self.path(rel)
         try:
@@ -297,7 +293,3 @@ def download_tree(fs, src: str, dst: str) -> None:
         copy_local_tree(src, dst)
         return
     fs.get(src.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)
-
-
-def iter_lines(data: bytes) -> Iterable[str]:
-    return data.decode("utf-8", errors="replace").splitlines()

@@ -120,7 +120,7 @@ def trainkit_cluster(request: pytest.FixtureRequest):
 @pytest.fixture
 def trainkit_settings(request: pytest.FixtureRequest) -> Settings:
     """The settings in force for this test: command line / ini, overridden by ``@pytest.mark.trainkit``."""
-    from trainkit_testing.plugin import item_settings
+    from trainkit_testing.settings import item_settings
 
     return item_settings(request.node)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainkit_testing.settings import (FAILED_KEY, MARKER_KEYS, RUNS_KEY, SETTINGS_KEY, Settings, parse_backend,
+from trainkit_testing.settings import (FAILED_KEY, RUNS_KEY, SETTINGS_KEY, Settings, item_settings, parse_backend,
                                        parse_hang_timeout, parse_nodes, parse_workers)
 
 _OPTIONS = (
@@ -80,33 +80,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if not config.pluginmanager.is_registered(fixtures):
         config.pluginmanager.register(fixtures, "trainkit_testing.fixtures")
-
-
-def item_settings(item: pytest.Item) -> Settings:
-    """The settings in force for one test: the session's, overridden by its ``trainkit`` marker."""
-    base: Settings = item.config.stash[SETTINGS_KEY]
-    marker = item.get_closest_marker("trainkit")
-    if marker is None:
-        return base
-    if marker.args:
-        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.trainkit takes keywords only "
-                                f"({', '.join(MARKER_KEYS)}), got positional {marker.args!r}")
-    unknown = set(marker.kwargs) - set(MARKER_KEYS)
-    if unknown:
-        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.trainkit got unknown keyword(s) {sorted(unknown)}; "
-                                f"allowed: {', '.join(MARKER_KEYS)}")
-    kw = marker.kwargs
-    where = f"{item.nodeid}: @pytest.mark.trainkit"
-    try:
-        return Settings(
-            workers=parse_workers(kw["workers"], f"{where}(workers=...)") if "workers" in kw else base.workers,
-            nodes=parse_nodes(kw["nodes"], f"{where}(nodes=...)") if "nodes" in kw else base.nodes,
-            backend=parse_backend(kw["backend"], f"{where}(backend=...)") if "backend" in kw else base.backend,
-            hang_timeout_s=base.hang_timeout_s,
-            keep_runs=base.keep_runs,
-        )
-    except ValueError as e:
-        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:

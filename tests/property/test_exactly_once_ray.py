@@ -34,7 +34,7 @@ from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from trainkit.collective import broadcast_from_rank_zero
 from trainkit.data import load_shard_states, save_shard_state
 from trainkit.events import parse_events
-from trainkit.ledger import lineage
+from trainkit.result import lineage
 from trainkit.storage import EVENTS, MANIFEST, RunStore
 from trainkit.torch import TorchTrainer
 from trainkit_testing.exactly_once import ExactlyOnce, assert_exactly_once

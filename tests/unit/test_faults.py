@@ -6,7 +6,6 @@ import pickle
 
 import pytest
 
-import trainkit
 from trainkit import FailureConfig, RunConfig, ScalingConfig
 from trainkit.errors import ConfigError, ScenarioError, TrainingFailedError
 from trainkit.events import parse_events

@@ -49,7 +49,7 @@ def test_run_path_is_storage_path_slash_name(tmp_path):
 
 
 def test_ensure_creates_the_run_directory(store):
-    assert store.exists(".trainkit_marker")
+    assert store.read_bytes(".trainkit_marker") == b"trainkit\n"
 
 
 def test_write_json_atomic_round_trips_and_replaces(store):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 from trainkit.config import RunConfig, ScalingConfig
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, MissingExtraError
 
 # Capability names, used by the conformance suite and the chaos runner.
 MULTI_WORKER = "multi_worker"
@@ -69,13 +69,10 @@ def register_backend(name: str, target: str) -> None:
 def available_backends() -> dict[str, str]:
     found = dict(_BUILTIN)
     found.update(_REGISTERED)
-    try:
-        from importlib.metadata import entry_points
+    from importlib.metadata import entry_points
 
-        for ep in entry_points(group="trainkit.backends"):
-            found.setdefault(ep.name, ep.value)
-    except Exception:  # noqa: BLE001 - a broken third-party entry point must not break trainkit
-        pass
+    for ep in entry_points(group="trainkit.backends"):
+        found.setdefault(ep.name, ep.value)
     return found
 
 
@@ -84,5 +81,11 @@ def get_backend(name: str) -> Backend:
     table = available_backends()
     if name not in table:
         raise ConfigError("backend", name, "one of " + ", ".join(sorted(table)))
-    obj = _load(table[name])
+    try:
+        obj = _load(table[name])
+    except (ImportError, AttributeError) as e:  # a broken third-party backend is named, not hidden
+        if isinstance(e, MissingExtraError):
+            raise
+        raise ConfigError("backend", name, "a backend whose module can be imported",
+                          hint=f"{table[name]} cannot be loaded: {type(e).__name__}: {e}") from e
     return obj() if isinstance(obj, type) else obj

@@ -20,10 +20,12 @@ import traceback
 from typing import Any, Optional
 
 from trainkit import backends
+from trainkit.config import PROCESS_GROUP_TIMEOUT_S
 from trainkit.errors import (ReportError, TrainingFailedError, WorkerFailure,
                              WorkerGroupError)
-from trainkit.ledger import RunLedger, load_result
+from trainkit.ledger import RunLedger
 from trainkit.policies import FailureDecision, decide_failure
+from trainkit.result import load_result
 from trainkit.session import RankInfo, ReportReply, _mismatch, _Session, _set_session
 from trainkit.storage import RunStore
 
@@ -222,7 +224,7 @@ def _run_torchrun(spec: backends.TrainSpec, env: dict):
         import datetime
 
         dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(seconds=getattr(tc, "timeout_s", 1800)))
+                                timeout=datetime.timedelta(seconds=getattr(tc, "timeout_s", PROCESS_GROUP_TIMEOUT_S)))
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     rc = spec.run_config
     # Every process resolved its own default name: rank 0's wins.

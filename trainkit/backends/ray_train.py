@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from trainkit import backends
 from trainkit.checkpoint import Checkpoint
+from trainkit.config import PROCESS_GROUP_TIMEOUT_S
 from trainkit.errors import ControllerError, TrainingFailedError, WorkerFailure, WorkerGroupError
 
 # Ray Train knobs set for the duration of a fit unless already in the environment (propagated to its actors).
@@ -85,7 +86,7 @@ class RayTrainBackend:
                                          placement_strategy=sc.placement_strategy)
         tc = spec.torch_config
         torch_config = ray.train.torch.TorchConfig(backend=getattr(tc, "backend", None),
-                                                   timeout_s=getattr(tc, "timeout_s", 1800))
+                                                   timeout_s=getattr(tc, "timeout_s", PROCESS_GROUP_TIMEOUT_S))
         trainer = ray.train.torch.TorchTrainer(_ray_train_loop, train_loop_config=cfg, scaling_config=ray_sc,
                                                run_config=ray_rc, torch_config=torch_config,
                                                datasets=ray_datasets or None)

@@ -47,7 +47,7 @@ def open_run(run: Any, storage_filesystem: Any = None) -> RunStore:
     'my_run'
     """
     from trainkit import _env
-    from trainkit.ledger import split_run_path
+    from trainkit.result import split_run_path
 
     path = os.fspath(run)
     if storage_filesystem is not None or "://" in path:
@@ -89,7 +89,7 @@ def _read_json(store: RunStore, rel: str, problems: list) -> Any:
         return None
 
 
-def _list_diagnostics(store: RunStore) -> list[str]:
+def _list_diagnostics(store: RunStore, problems: list) -> list[str]:
     base = store.path(DIAGNOSTICS)
     try:
         if store.local:
@@ -98,7 +98,8 @@ def _list_diagnostics(store: RunStore) -> list[str]:
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
     except (FileNotFoundError, NotADirectoryError):
         return []
-    except Exception:  # noqa: BLE001 - a listing error must not stop the report
+    except OSError as e:  # said in the report; the hangs named by events are still shown
+        problems.append(f"cannot list {DIAGNOSTICS}/: {type(e).__name__}: {e}")
         return []
 
 
@@ -198,7 +199,7 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> dict:
         folder = (e.diagnostics or "").rstrip("/").rsplit("/", 1)[-1]
         seen.add(folder)
         hangs.append(_load_hang(store, folder, e, problems))
-    for folder in _list_diagnostics(store):
+    for folder in _list_diagnostics(store, problems):
         if folder.startswith("hang-") and folder not in seen:
             hangs.append(_load_hang(store, folder, None, problems))
     hangs.sort(key=lambda h: h["time"] or 0)
@@ -231,7 +232,7 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> dict:
 
 
 def _last_index(state: dict, events: list) -> int:
-    from trainkit.ledger import lineage
+    from trainkit.result import lineage
 
     rows = lineage(events)
     if rows:

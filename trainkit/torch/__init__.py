@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 
 from trainkit.config import TorchConfig
 from trainkit.errors import ConfigError
-from trainkit.session import _require
+from trainkit.session import _require, rank_device
 from trainkit.trainer import DataParallelTrainer
 
 class TorchTrainer(DataParallelTrainer):
@@ -49,17 +49,7 @@ def _world_size() -> int:
 
 def get_device() -> torch.device:
     """This rank's device: its GPU (``cuda:<local index>``) when it has one, else CPU."""
-    s = _require("get_device")
-    if torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None and visible.strip() == "":
-            return torch.device("cpu")
-        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        if s.info.world_size == 1:
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cuda", s.info.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    return rank_device(_require("get_device").info)
 
 
 def get_devices() -> list:

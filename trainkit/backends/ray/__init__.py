@@ -21,7 +21,16 @@ from trainkit._serialize import dumps_train_fn
 from trainkit.storage import RunStore
 
 _controller_lock = threading.Lock()
-_controller: dict[str, Any] = {}  # Ray job id -> controller handle
+# (driver's node id, Ray job id) -> controller handle. The node id tells clusters apart: a new
+# cluster (a new ray.init) starts its job ids again at 01000000.
+_controller: dict[tuple[str, str], Any] = {}
+
+
+def _driver_key() -> tuple[str, str]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ctx.get_job_id()
 
 
 def ensure_ray() -> None:
@@ -42,14 +51,14 @@ def get_controller():
 
     from trainkit.backends.ray.controller import ControllerActor
 
-    job = ray.get_runtime_context().get_job_id()
+    job = _driver_key()
     with _controller_lock:
         handle = _controller.get(job)
         if handle is not None:
             try:
                 ray.get(handle.ping.remote(), timeout=30)
                 return handle
-            except Exception:  # noqa: BLE001 - dead controller: make a new one
+            except ray.exceptions.RayError:  # a dead (or stuck) controller: make a new one
                 _controller.pop(job, None)
         node = ray.get_runtime_context().get_node_id()
         handle = ControllerActor.options(
@@ -65,11 +74,11 @@ def release_warm_workers() -> None:
 
     if not ray.is_initialized():
         return
-    handle = _controller.get(ray.get_runtime_context().get_job_id())
+    handle = _controller.get(_driver_key())
     if handle is not None:
         try:
             ray.get(handle.shutdown.remote(), timeout=30)
-        except Exception:  # noqa: BLE001
+        except ray.exceptions.RayError:  # the controller is gone (and its workers with it) or stuck
             pass
 
 

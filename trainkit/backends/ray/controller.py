@@ -28,6 +28,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainkit import events as ev
+from trainkit.config import PROCESS_GROUP_TIMEOUT_S
 from trainkit.diagnostics import hang as hang_monitor
 from trainkit.errors import (CheckpointError, ControllerError, HangDetectedError, ReportError, TrainingFailedError,
                              WorkerFailure, WorkerGroupError)
@@ -636,8 +637,8 @@ class Controller:
                 try:
                     await self._init_torch(run, carried)
                     return carried
-                except Exception as e:  # noqa: BLE001 - a kept worker died in the meantime: start afresh
-                    logger.debug("run %s: the repaired group cannot start (%s); starting a new one", run.run_id, e)
+                except (ray.exceptions.RayError, asyncio.TimeoutError) as e:  # a kept worker died meanwhile
+                    logger.info("run %s: the repaired group cannot start (%s); starting a new one", run.run_id, e)
                     await self._discard(run, carried)
             else:
                 carried.kill()
@@ -648,7 +649,7 @@ class Controller:
                     await asyncio.wait_for(asyncio.gather(*[w.ping.remote() for w in g.workers]), 5)
                     group = g
                     break
-                except Exception:  # noqa: BLE001 - a dead warm worker: drop the group
+                except (ray.exceptions.RayError, asyncio.TimeoutError):  # a dead warm worker: drop the group
                     g.kill()
         if group is None:
             for g in self.idle:  # free their resources for the new shape
@@ -708,7 +709,7 @@ class Controller:
         try:
             got = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in fresh.values()]),
                                          float(_env.WORKER_START_TIMEOUT_S.get()))
-        except Exception:  # noqa: BLE001 - cannot repair in place: start a whole new group
+        except (ray.exceptions.RayError, asyncio.TimeoutError):  # cannot repair in place: start a new group
             _Group(group.key, group.pg, workers, infos).kill()
             await _wait_removed(group)
             return None
@@ -732,7 +733,7 @@ class Controller:
         tc = run.spec.torch_config
         use_gpu = run.spec.scaling_config.use_gpu
         backend = getattr(tc, "backend", None) or ("nccl" if use_gpu else "gloo")
-        timeout_s = getattr(tc, "timeout_s", 1800)
+        timeout_s = getattr(tc, "timeout_s", PROCESS_GROUP_TIMEOUT_S)
         rank0 = group.workers[group.ranks[0]]
         port = await rank0.free_port.remote()
         addr = group.infos[group.ranks[0]]["ip"]

@@ -235,16 +235,6 @@ class RankWorker:
             except Exception:  # noqa: BLE001 - a broken group is torn down with the process anyway
                 pass
 
-    def stack(self) -> str:
-        """The Python stacks of this process's threads (the faulthandler-free fallback)."""
-        frames = sys._current_frames()
-        names = {t.ident: t.name for t in threading.enumerate()}
-        out = []
-        for ident, frame in frames.items():
-            label = "training thread" if ident == self._thread_ident else names.get(ident, "thread")
-            out.append(f"Thread {ident} ({label}):\n" + "".join(traceback.format_stack(frame)))
-        return "\n".join(out)
-
 
 def _upload_log(store, local_log: str, rel: str) -> None:
     """Copy a rank's log to remote storage at the end of its run (best effort: a log never fails a run)."""
@@ -266,5 +256,5 @@ def _sigterm_grace_s() -> float:
 
     try:
         return float(_env.PREEMPTION_GRACE_S.get_float() or 0.0)
-    except ValueError:
-        return 30.0
+    except ValueError:  # a malformed value: the documented default, 0 (grace unknown)
+        return 0.0
