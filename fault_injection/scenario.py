@@ -28,6 +28,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from trainkit.errors import ScenarioError
 
@@ -54,8 +55,8 @@ class Workload(_Strict):
         for k in self.config if keys else ():
             if k not in keys:
                 near = _closest(k, keys) or ""
-                raise ValueError(f"@workload.config.{k}|{near}: unknown key for {self.entry} "
-                                 f"(it takes {', '.join(keys)})")
+                raise _key_error(("workload", "config", k), f"unknown key for {self.entry} (it takes {', '.join(keys)})",
+                                 suggestion=near)
         return self
 
 
@@ -121,14 +122,15 @@ class Scenario(_Strict):
     def _fits(self):
         capacity = self.cluster.nodes * self.cluster.cpus_per_node
         if self.scaling.max_workers > capacity and not any(f.action == "add_node" for f in self.faults):
-            raise ValueError(f"@scaling.num_workers: asks for {self.scaling.max_workers} workers but the cluster has "
-                             f"{capacity} CPUs ({self.cluster.nodes} nodes x {self.cluster.cpus_per_node}); "
+            raise _key_error(("scaling", "num_workers"),
+                             f"asks for {self.scaling.max_workers} workers but the cluster has {capacity} CPUs "
+                             f"({self.cluster.nodes} nodes x {self.cluster.cpus_per_node}); "
                              "raise cluster.nodes or cluster.cpus_per_node")
         known = self.cluster.nodes + sum(1 for f in self.faults if f.action == "add_node")
         for i, f in enumerate(self.faults):
             node = getattr(f, "node", None)
             if node is not None and node >= known:
-                raise ValueError(f"@faults.{i}.node: node {node} is not in the cluster (nodes 0..{known - 1})")
+                raise _key_error(("faults", i, "node"), f"node {node} is not in the cluster (nodes 0..{known - 1})")
         return self
 
 
@@ -191,6 +193,14 @@ def validate_faults(faults: list) -> list:
     return out
 
 
+_KEY_ERROR = "scenario_key"
+
+
+def _key_error(where: tuple, text: str, suggestion: Optional[str] = None) -> PydanticCustomError:
+    """A cross-field check's error, with the key path it is about (a validator only knows its own model)."""
+    return PydanticCustomError(_KEY_ERROR, "{text}", {"text": text, "where": where, "suggestion": suggestion or None})
+
+
 def _scenario_error(e: ValidationError, root, path: Optional[str], model, prefix: tuple = ()) -> ScenarioError:
     errors = e.errors(include_url=False)
     first = errors[0]
@@ -214,13 +224,12 @@ def _scenario_error(e: ValidationError, root, path: Optional[str], model, prefix
             msg = f"{key}={got!r} is not an action; expected one of {', '.join(F.ACTIONS)}"
     elif kind == "missing":
         msg = f"{key} is required"
-    elif first["msg"].startswith("Value error, @"):  # a cross-field check naming its key path
-        where, _, text = first["msg"].removeprefix("Value error, @").partition(": ")
-        where, _, suggestion = where.partition("|")
-        suggestion = suggestion or None
-        keys = [int(k) if k.isdigit() else k for k in where.split(".")]
+    elif kind == _KEY_ERROR:  # a cross-field check naming its key path
+        ctx = first["ctx"]
+        keys = list(ctx["where"])
         key = _dotted(keys)
-        msg = f"{key}: {text}"
+        suggestion = ctx["suggestion"]
+        msg = f"{key}: {ctx['text']}"
     else:
         text = first["msg"].removeprefix("Value error, ")
         value = first.get("input")

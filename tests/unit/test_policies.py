@@ -1,4 +1,4 @@
-"""Pure policies: retention (which checkpoints to keep, best order) and the failure decision."""
+"""Pure policies: retention (which checkpoints to keep, best order), the failure decision and scaling."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from trainkit.policies import (CheckpointEntry, FailureDecision, decide_failure, decide_retention,
-                               rank_checkpoints, score_of)
+from trainkit.policies import (CheckpointEntry, FailureDecision, count_fitting_workers, decide_failure,
+                               decide_group_size, decide_resize, decide_retention, rank_checkpoints, score_of)
 
 
 def _entries(*scores, attr="acc"):
@@ -135,3 +135,48 @@ def test_decide_failure_counts_preemptions_against_their_own_limit():
 
 def test_decide_failure_never_retries_a_non_retryable_failure():
     assert decide_failure(1, -1, retryable=False) is FailureDecision.RAISE
+
+
+# -- scaling ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("free_by_node, per_worker, fitting", [
+    ({}, {"CPU": 1}, 0),                                                      # no node
+    ({"a": {"CPU": 3}, "b": {"CPU": 1}}, {"CPU": 1}, 4),                      # summed over nodes
+    ({"a": {"CPU": 1.5}, "b": {"CPU": 1.5}}, {"CPU": 1}, 2),                  # no bundle spans two nodes
+    ({"a": {"CPU": 0.3 + 0.6}}, {"CPU": 0.3}, 3),                             # float noise does not lose one
+    ({"a": {"CPU": 4, "GPU": 1}}, {"CPU": 1, "GPU": 1}, 1),                   # the scarcest resource decides
+    ({"a": {"CPU": 4}}, {"CPU": 1, "GPU": 1}, 0),                             # a node without the resource
+    ({"a": {"CPU": 4}}, {"CPU": 1, "GPU": 0}, 4),                             # a zero request is no constraint
+    ({"a": {"CPU": 4, "tk_node_0": 1}}, {"CPU": 1, "tk_node_0": 0.001}, 4),  # custom resources count too
+])
+def test_count_fitting_workers_fits_whole_bundles_node_by_node(free_by_node, per_worker, fitting):
+    assert count_fitting_workers(free_by_node, per_worker) == fitting
+
+
+@pytest.mark.parametrize("fitting, min_workers, max_workers, world_size", [
+    (0, 1, 3, 0),   # nothing fits: wait
+    (1, 2, 3, 0),   # below min: wait
+    (2, 2, 3, 2),   # exactly min
+    (3, 2, 3, 3),   # exactly max
+    (9, 2, 3, 3),   # capped at max
+    (4, 4, 4, 4),   # fixed size
+])
+def test_decide_group_size_takes_the_largest_that_fits_up_to_max_and_waits_below_min(fitting, min_workers,
+                                                                                     max_workers, world_size):
+    decision = decide_group_size(fitting, min_workers, max_workers)
+    assert decision.world_size == world_size
+    assert str(fitting) in decision.reason
+    if world_size == 0:
+        assert f"min_workers={min_workers}" in decision.reason
+
+
+@pytest.mark.parametrize("current, fitting_extra, min_workers, max_workers, grow_to", [
+    (2, 0, 1, 3, 0),   # nothing free: keep
+    (2, 1, 1, 3, 3),   # grow by one
+    (2, 5, 1, 3, 3),   # grow, capped at max
+    (3, 2, 1, 3, 0),   # already at max: keep
+    (1, 1, 3, 4, 0),   # still below min after growing: keep (the controller restarts at min instead)
+    (1, 2, 3, 4, 3),   # reaching min is growing
+])
+def test_decide_resize_grows_only_to_a_larger_size_within_min_and_max(current, fitting_extra, min_workers,
+                                                                     max_workers, grow_to):
+    assert decide_resize(current, fitting_extra, min_workers, max_workers) == grow_to

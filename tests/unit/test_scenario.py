@@ -44,6 +44,8 @@ def test_a_typo_in_a_key_names_the_file_the_line_and_the_key_it_meant(tmp_path):
     ("version: 1\nname: x\nworkload:\n  config: {step: 3}\n", 4, "workload.config.step", "steps"),
     ("version: 1\nname: x\nrun:\n  max_failures: 1\n  storage: gcs\n", 5, "run.storage", None),
     ("version: 1\nname: x\nscaling: {num_workers: 9}\n", 3, "scaling.num_workers", None),
+    ("version: 1\nname: x\ncluster: {nodes: 2}\nfaults:\n  - {action: kill_node, node: 5, at: {report: 1}}\n", 5,
+     "faults[0].node", None),
     ("version: 2\nname: x\n", 1, "version", None),
 ])
 def test_bad_values_point_at_their_line(text, line, key, suggestion):
