@@ -36,6 +36,8 @@ class TrainSpec:
     torch_config: Any = None
     datasets: dict = field(default_factory=dict)
     takes_config: bool = True
+    # Resolved in the driver at fit() (TRAINKIT_WORKER_START_TIMEOUT_S), read by the controller actor.
+    worker_start_timeout_s: float = 60.0
 
 
 @runtime_checkable

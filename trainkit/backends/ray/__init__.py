@@ -111,6 +111,15 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _worker_start_timeout_s() -> float:
+    from trainkit.errors import ConfigError
+
+    value = _env.WORKER_START_TIMEOUT_S.get_float()
+    if value is None or value <= 0:
+        raise ConfigError(_env.WORKER_START_TIMEOUT_S.name, _env.WORKER_START_TIMEOUT_S.get(), "seconds > 0")
+    return value
+
+
 class RayBackend:
     name = "ray"
     capabilities = frozenset({backends.MULTI_WORKER, backends.FAULT_INJECTION, backends.ELASTIC,
@@ -123,6 +132,7 @@ class RayBackend:
         from trainkit.diagnostics.debug import with_env_debugger
 
         spec = with_env_debugger(spec)  # TRAINKIT_DEBUG_RANK: a RankDebugger callback
+        spec = dataclasses.replace(spec, worker_start_timeout_s=_worker_start_timeout_s())
         rc = spec.run_config
         RunStore(rc.storage_path, rc.name, rc.storage_filesystem).ensure()  # fail before any worker starts
         fn_bytes = dumps_train_fn(spec.train_fn)

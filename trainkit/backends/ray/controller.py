@@ -599,9 +599,7 @@ class Controller:
                 f"{len(total)} node(s). Lower ScalingConfig.num_workers or resources_per_worker, or add nodes.")
         if not sc.elastic:
             return sc.max_workers
-        from trainkit import _env
-
-        deadline = time.monotonic() + float(_env.WORKER_START_TIMEOUT_S.get())
+        deadline = time.monotonic() + run.spec.worker_start_timeout_s
         while True:
             free = _resources_by_node(available=True)
             for g in self.idle:  # warm idle groups hold resources that this run may take
@@ -664,11 +662,9 @@ class Controller:
         return group
 
     async def _new_group(self, run: _Run, size: int, res: dict, key: tuple, env, quick: bool = False) -> _Group:
-        from trainkit import _env
-
         sc = run.spec.scaling_config
         pg = placement_group([dict(res) for _ in range(size)], strategy=sc.placement_strategy)
-        timeout_s = float(_env.WORKER_START_TIMEOUT_S.get())
+        timeout_s = run.spec.worker_start_timeout_s
         try:
             await asyncio.wait_for(pg.ready(), 10.0 if quick else timeout_s)
         except asyncio.TimeoutError:
@@ -693,8 +689,6 @@ class Controller:
 
     async def _repair(self, run: _Run, group: _Group, reusable: set) -> Optional[_Group]:
         """Replace the workers of ``group`` outside ``reusable`` (bundle indices) in the same placement group."""
-        from trainkit import _env
-
         res = dict(group.key[1])
         env = run.spec.run_config.worker_runtime_env
         workers, infos = list(group.workers), list(group.infos)
@@ -708,7 +702,7 @@ class Controller:
                 workers[b] = fresh[b] = _make_worker(group.pg, b, res, env)
         try:
             got = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in fresh.values()]),
-                                         float(_env.WORKER_START_TIMEOUT_S.get()))
+                                         run.spec.worker_start_timeout_s)
         except (ray.exceptions.RayError, asyncio.TimeoutError):  # cannot repair in place: start a new group
             _Group(group.key, group.pg, workers, infos).kill()
             await _wait_removed(group)
