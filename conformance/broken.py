@@ -17,29 +17,22 @@ pytest process.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-from trainkit import backends
-from trainkit.backends.local import InlineCoordinator, _call, _failure_from
-from trainkit.errors import WorkerGroupError
-from trainkit.ledger import RunLedger
-from trainkit.policies import FailureDecision, decide_failure
-from trainkit.session import RankInfo, ReportReply, _Session, _set_session
-from trainkit.storage import RunStore
+from trainkit.backends import api
 
 
-class _LateCommit(InlineCoordinator):
+class _LateCommit(api.InlineCoordinator):
     """Breaks the barrier: a report returns at once; it is committed when the next one arrives."""
 
     def __init__(self, ledger, attempt):
         super().__init__(ledger, attempt)
         self.pending: Optional[tuple] = None
 
-    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
+    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> api.ReportReply:
         self.flush()
         self.pending = (world_rank, index, metrics, checkpoint_dir, files)
-        return ReportReply(None)  # "returned before commit": nothing committed yet
+        return api.ReportReply(None)  # "returned before commit": nothing committed yet
 
     def flush(self) -> None:
         if self.pending is not None:
@@ -47,54 +40,28 @@ class _LateCommit(InlineCoordinator):
             super().report(*pending)
 
 
-class _DropCheckpoints(InlineCoordinator):
+class _DropCheckpoints(api.InlineCoordinator):
     """Breaks checkpoints: the round is committed without its checkpoint."""
 
-    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
+    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> api.ReportReply:
         return super().report(world_rank, index, metrics, None, None)
 
 
 class BrokenBackend:
-    """The local runner with one rule broken (``breaks``: barrier | checkpoints | retries)."""
+    """The local runner (``api.run_attempts``) with one rule broken (``breaks``: barrier | checkpoints | retries)."""
 
     name = "broken"
-    capabilities = frozenset({backends.FAULT_INJECTION, backends.DURABLE_REPORT})
+    capabilities = frozenset({api.FAULT_INJECTION, api.DURABLE_REPORT})
+    handles_local_mode = False
     needs_ray = False
     breaks = ""
 
-    def run(self, spec: backends.TrainSpec):
-        rc = spec.run_config
-        store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
-        ledger = RunLedger(store, rc.checkpoint_config, backend=self.name, num_workers=1)
-        max_failures = 0 if self.breaks == "retries" else rc.failure_config.max_failures
-        coordinator_cls = {"barrier": _LateCommit, "checkpoints": _DropCheckpoints}.get(self.breaks,
-                                                                                        InlineCoordinator)
-        while True:
-            attempt = ledger.start_attempt(1, [{"world_rank": 0, "local_rank": 0, "node_rank": 0,
-                                                "node_id": "local", "pid": os.getpid()}])
-            coordinator = coordinator_cls(ledger, attempt)
-            session = _Session(RankInfo(attempt=attempt, node_id="local"), store, coordinator,
-                               experiment_name=rc.name, start_checkpoint=ledger.latest_checkpoint(),
-                               start_index=ledger.latest_index, datasets=spec.datasets)
-            _set_session(session)
-            try:
-                value = _call(spec)
-            except Exception as e:  # noqa: BLE001 - a failed attempt; a pending late commit is lost
-                ledger.failures += 1
-                retry = decide_failure(ledger.failures, max_failures) is FailureDecision.RETRY
-                failure = _failure_from(e, 0)
-                ledger.record_failure(attempt, [failure], will_retry=retry)
-                if retry:
-                    continue
-                err = WorkerGroupError(f"rank 0 raised {type(e).__name__}", [failure])
-                ledger.finish("failed", err)
-                raise err from e
-            finally:
-                _set_session(None)
-            if isinstance(coordinator, _LateCommit):
-                coordinator.flush()
-            ledger.finish("finished")
-            return ledger.result(return_value=value)
+    def run(self, spec: api.TrainSpec):
+        coordinator = {"barrier": _LateCommit, "checkpoints": _DropCheckpoints}.get(self.breaks,
+                                                                                   api.InlineCoordinator)
+        return api.run_attempts(spec, backend_name=self.name, num_workers=1, coordinator=coordinator,
+                                max_failures=0 if self.breaks == "retries" else None, with_hooks=False,
+                                before_finish=lambda c: c.flush() if isinstance(c, _LateCommit) else None)
 
 
 class SkipsBarrier(BrokenBackend):
@@ -113,4 +80,4 @@ class IgnoresMaxFailures(BrokenBackend):
 
 
 for _cls in (SkipsBarrier, DropsCheckpoints, IgnoresMaxFailures):
-    backends.register_backend(_cls.name, f"{__name__}:{_cls.__name__}")
+    api.register_backend(_cls.name, f"{__name__}:{_cls.__name__}")

@@ -119,10 +119,7 @@ class Harness:
 
     def fit(self, fn: Callable, **kwargs):
         """Run ``fn`` on the backend under test; return the trainkit ``Result`` (or raise)."""
-        trainer = self.trainer(fn, **kwargs)
-        if trainer.scaling_config.local_mode and not getattr(self.backend, "handles_local_mode", False):
-            return trainer.fit()  # trainkit's local mode, shared by every trainkit backend
-        return self.backend.run(trainer._spec())
+        return self.trainer(fn, **kwargs).fit()  # num_workers=0: the backend's local mode if it has one
 
     def fails(self, fn: Callable, **kwargs):
         """Run ``fn``; it must fail. Returns the ``TrainingFailedError`` that ``fit()`` raised."""

@@ -11,7 +11,7 @@ import inspect
 from typing import Any, Callable, Optional
 
 from trainkit import _env
-from trainkit.backends import TrainSpec, get_backend
+from trainkit.backends import TrainSpec, get_backend, handles_local_mode
 from trainkit.config import RunConfig, ScalingConfig
 from trainkit.errors import ConfigError
 
@@ -93,8 +93,10 @@ class DataParallelTrainer:
         self.datasets = dict(datasets or {})
         self.backend_config = backend_config
         self.dataset_config = dataset_config
-        self.backend_name = "local" if scaling_config.local_mode else (backend or _env.BACKEND.get())
+        self.backend_name = backend or _env.BACKEND.get()
         self._backend = get_backend(self.backend_name)  # unknown names fail here, before fit()
+        if scaling_config.local_mode and not handles_local_mode(self._backend):
+            self.backend_name, self._backend = "local", get_backend("local")  # trainkit's own local mode
 
     def _spec(self) -> TrainSpec:
         return TrainSpec(train_fn=self.train_loop_per_worker, train_loop_config=self.train_loop_config,

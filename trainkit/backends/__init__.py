@@ -1,6 +1,7 @@
 """Backends: what runs a training function under the trainkit API.
 
-A backend is any object with ``name``, ``capabilities`` and ``run(spec) -> Result``.
+A backend is any object with ``name``, ``capabilities``, ``handles_local_mode``, ``needs_ray``
+and ``run(spec) -> Result``; ``trainkit.backends.api`` is the public API for writing one.
 Built-ins: ``local`` (in-process, torchrun-aware), ``ray`` (the reference: Ray actors +
 torch.distributed) and ``ray_train`` (adapter to real Ray Train). Third parties register
 more under the entry point group ``trainkit.backends``. Runs in the driver.
@@ -42,10 +43,18 @@ class TrainSpec:
 
 @runtime_checkable
 class Backend(Protocol):
+    """What the trainer needs of a backend (trainkit.backends.api documents writing one)."""
+
     name: str
     capabilities: frozenset
+    handles_local_mode: bool  # num_workers=0 runs on this backend (else trainkit's own local mode)
+    needs_ray: bool  # run() needs a Ray cluster (the conformance suite starts one for it)
 
     def run(self, spec: TrainSpec): ...
+
+
+def handles_local_mode(backend: Any) -> bool:
+    return bool(getattr(backend, "handles_local_mode", False))
 
 
 _BUILTIN = {

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from typing import Any, Optional
 
-from trainkit import backends
+from trainkit.backends import api
 from trainkit.config import PROCESS_GROUP_TIMEOUT_S
-from trainkit.errors import (ReportError, TrainingFailedError, WorkerFailure,
-                             WorkerGroupError)
+from trainkit.errors import ReportError, TrainingFailedError, WorkerGroupError
 from trainkit.ledger import RunLedger
-from trainkit.policies import FailureDecision, decide_failure
 from trainkit.result import load_result
-from trainkit.session import RankInfo, ReportReply, _mismatch, _Session, _set_session
+from trainkit.session import RankInfo, ReportReply, _mismatch, _set_session
 from trainkit.storage import RunStore
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -36,30 +33,6 @@ def torchrun_env() -> Optional[dict]:
     if all(v in os.environ for v in TORCHRUN_VARS):
         return {v: os.environ[v] for v in TORCHRUN_VARS}
     return None
-
-
-class InlineCoordinator:
-    """One rank in this process: a report commits at once."""
-
-    def __init__(self, ledger: RunLedger, attempt: int):
-        self.ledger = ledger
-        self.attempt = attempt
-
-    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
-        t0 = time.perf_counter()
-        self.ledger.commit(self.attempt, index, metrics or {}, checkpoint_dir,
-                           {0: files} if checkpoint_dir else None, world_size=1,
-                           barrier_s=time.perf_counter() - t0)
-        return ReportReply(checkpoint_dir)
-
-    def collective(self, world_rank, op, seq, payload):
-        return payload
-
-    def reported_checkpoints(self):
-        return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
-
-    def record_fault(self, fields: dict) -> bool:
-        return self.ledger.record_fault(fields)
 
 
 class TorchDistCoordinator:
@@ -137,78 +110,20 @@ def _finish_mismatch(gathered: list) -> ReportError:
                        "broadcast_from_rank_zero()) the same number of times")
 
 
-def _failure_from(exc: BaseException, world_rank: int) -> WorkerFailure:
-    return WorkerFailure(world_rank=world_rank, node_id="local", pid=os.getpid(), kind="exception",
-                         exc_type=type(exc).__name__, message=str(exc),
-                         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-
-
-def _call(spec: backends.TrainSpec) -> Any:
-    if spec.takes_config:
-        return spec.train_fn(spec.train_loop_config if spec.train_loop_config is not None else {})
-    return spec.train_fn()
-
-
-def _hooks(spec: backends.TrainSpec) -> list:
-    return [cb.worker_hook() for cb in spec.run_config.callbacks if hasattr(cb, "worker_hook")]
-
-
 class LocalBackend:
     name = "local"
-    capabilities = frozenset({backends.FAULT_INJECTION, backends.DURABLE_REPORT})
+    capabilities = frozenset({api.FAULT_INJECTION, api.DURABLE_REPORT})
+    handles_local_mode = True
+    needs_ray = False
 
-    def run(self, spec: backends.TrainSpec):
+    def run(self, spec: api.TrainSpec):
         tr = torchrun_env()
         if tr is not None and int(tr["WORLD_SIZE"]) >= 1:
             return _run_torchrun(spec, tr)
-        return _run_single(spec)
+        return api.run_attempts(spec, backend_name="local", num_workers=0)
 
 
-def _subscribe(ledger: RunLedger, spec: backends.TrainSpec) -> None:
-    for cb in spec.run_config.callbacks:
-        if hasattr(cb, "on_event"):
-            ledger.events.subscribe(cb.on_event)
-
-
-def _run_single(spec: backends.TrainSpec):
-    rc = spec.run_config
-    store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
-    ledger = RunLedger(store, rc.checkpoint_config, backend="local", num_workers=0)
-    _subscribe(ledger, spec)
-    fc = rc.failure_config
-    hooks = _hooks(spec)
-    while True:
-        attempt = ledger.start_attempt(1, [{"world_rank": 0, "local_rank": 0, "node_rank": 0,
-                                            "node_id": "local", "pid": os.getpid()}])
-        info = RankInfo(attempt=attempt, node_id="local")
-        session = _Session(info, store, InlineCoordinator(ledger, attempt), experiment_name=rc.name,
-                           start_checkpoint=ledger.latest_checkpoint(), start_index=ledger.latest_index,
-                           datasets=spec.datasets, hooks=hooks)
-        _set_session(session)
-        try:
-            value = _call(spec)
-        except Exception as e:  # noqa: BLE001 - every user error is a failure of the attempt
-            ledger.failures += 1
-            decision = decide_failure(ledger.failures, fc.max_failures)
-            failure = _failure_from(e, 0)
-            ledger.record_failure(attempt, [failure], will_retry=decision is FailureDecision.RETRY)
-            if decision is FailureDecision.RETRY:
-                continue
-            err = WorkerGroupError(f"rank 0 raised {type(e).__name__} (attempt {attempt}, "
-                                   f"max_failures={fc.max_failures})", [failure])
-            ledger.finish("failed", err)
-            raise err from e
-        except BaseException as e:  # KeyboardInterrupt: record, then let it go
-            ledger.finish("aborted", WorkerGroupError(f"aborted by {type(e).__name__}",
-                                                      [_failure_from(e, 0)]))
-            raise
-        finally:
-            _set_session(None)
-        ledger.finish("finished")
-        return ledger.result(return_value=value)
-
-
-def _run_torchrun(spec: backends.TrainSpec, env: dict):
+def _run_torchrun(spec: api.TrainSpec, env: dict):
     import torch
     import torch.distributed as dist
 
@@ -235,7 +150,7 @@ def _run_torchrun(spec: backends.TrainSpec, env: dict):
     ledger = None
     if rank == 0:
         ledger = RunLedger(store, rc.checkpoint_config, backend="local/torchrun", num_workers=world_size)
-        _subscribe(ledger, spec)
+        api.subscribe_callbacks(ledger, spec)
     boot: list = [None]
     if rank == 0:
         attempt = ledger.start_attempt(world_size)
@@ -249,12 +164,12 @@ def _run_torchrun(spec: backends.TrainSpec, env: dict):
     info = RankInfo(world_rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_ws,
                     node_rank=rank // max(local_ws, 1), node_id=os.environ.get("GROUP_RANK", "0"), attempt=attempt)
     coord = TorchDistCoordinator(ledger, attempt, rank, world_size, group)
-    session = _Session(info, store, coord, experiment_name=name, start_checkpoint=start_ckpt,
-                       start_index=latest_index, datasets=spec.datasets, hooks=_hooks(spec))
+    session = api.Session(info, store, coord, experiment_name=name, start_checkpoint=start_ckpt,
+                          start_index=latest_index, datasets=spec.datasets, hooks=api.worker_hooks(spec))
     _set_session(session)
     try:
         try:
-            value = _call(spec)
+            value = api.call_train_fn(spec)
             # A rank that returns while others still report is a mismatch, found here at once.
             coord.finish(session.index)
         except Exception as e:  # noqa: BLE001
@@ -262,7 +177,7 @@ def _run_torchrun(spec: backends.TrainSpec, env: dict):
             if isinstance(e, TrainingFailedError):
                 err = e
             else:
-                failure = _failure_from(e, rank)
+                failure = api.failure_from(e, rank)
                 if isinstance(e, ReportError):
                     failure.kind = "mismatch"
                 err = WorkerGroupError(f"rank {rank} raised {type(e).__name__}", [failure])

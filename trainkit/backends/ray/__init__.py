@@ -125,6 +125,8 @@ class RayBackend:
     capabilities = frozenset({backends.MULTI_WORKER, backends.FAULT_INJECTION, backends.ELASTIC,
                               backends.VIRTUAL_NODES, backends.HANG_DIAGNOSTICS, backends.PREEMPTION,
                               backends.DURABLE_REPORT})
+    handles_local_mode = False  # num_workers=0 is trainkit's local mode
+    needs_ray = True
 
     def run(self, spec: backends.TrainSpec):
         import ray

@@ -1,0 +1,163 @@
+"""The public backend API: what a backend needs to run training functions under the trainkit contract.
+
+A backend is an object with ``name``, ``capabilities``, ``handles_local_mode``, ``needs_ray``
+and ``run(spec) -> Result`` (``Backend``), registered by name (``register_backend``, or the
+entry point group ``trainkit.backends``). Inside its ranks it installs a ``Session`` (what
+``trainkit.report``, ``get_checkpoint``, ``get_context`` talk to) whose ``Coordinator`` turns
+reports into commits, and it calls the training function with ``call_train_fn``.
+
+A backend that runs the function in the calling process gets the whole attempt loop from
+``run_attempts``: a ledger in the run folder, one attempt after another from the latest
+committed checkpoint, failures counted against ``FailureConfig.max_failures``, the event
+stream, ``Result`` or ``WorkerGroupError``. Local mode and the conformance suite's broken
+backends are written this way::
+
+    from trainkit.backends import api
+
+    class MyBackend:
+        name = "mine"
+        capabilities = frozenset({api.FAULT_INJECTION, api.DURABLE_REPORT})
+        handles_local_mode = False
+        needs_ray = False
+
+        def run(self, spec: api.TrainSpec):
+            return api.run_attempts(spec, backend_name=self.name)
+
+    api.register_backend("mine", "my_package.backend:MyBackend")
+
+Runs in the driver (``run_attempts``) and in the ranks (sessions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from typing import Any, Callable, Iterator, Optional
+
+from trainkit.backends import (DURABLE_REPORT, ELASTIC, FAULT_INJECTION, HANG_DIAGNOSTICS, MULTI_WORKER,
+                               PREEMPTION, VIRTUAL_NODES, Backend, TrainSpec, available_backends, get_backend,
+                               register_backend)
+from trainkit.errors import WorkerFailure, WorkerGroupError
+from trainkit.ledger import RunLedger
+from trainkit.policies import FailureDecision, decide_failure
+from trainkit.session import Coordinator, RankInfo, ReportReply
+from trainkit.session import _Session as Session
+from trainkit.session import _set_session
+from trainkit.storage import RunStore
+
+
+@contextlib.contextmanager
+def install_session(session: Session) -> Iterator[Session]:
+    """Make ``session`` the one the per-rank API of this process talks to, for the block."""
+    _set_session(session)
+    try:
+        yield session
+    finally:
+        _set_session(None)
+
+
+def call_train_fn(spec: TrainSpec) -> Any:
+    """Call the training function as the user wrote it: with its config (``{}`` if none), or without."""
+    if spec.takes_config:
+        return spec.train_fn(spec.train_loop_config if spec.train_loop_config is not None else {})
+    return spec.train_fn()
+
+
+def failure_from(exc: BaseException, world_rank: int, *, node_id: str = "local",
+                 pid: Optional[int] = None) -> WorkerFailure:
+    """The failure record of a rank whose training function raised ``exc`` (traceback included)."""
+    return WorkerFailure(world_rank=world_rank, node_id=node_id, pid=os.getpid() if pid is None else pid,
+                         kind="exception", exc_type=type(exc).__name__, message=str(exc),
+                         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def subscribe_callbacks(ledger: RunLedger, spec: TrainSpec) -> None:
+    """Let the run's callbacks with ``on_event`` see every event the ledger writes."""
+    for cb in spec.run_config.callbacks:
+        if hasattr(cb, "on_event"):
+            ledger.events.subscribe(cb.on_event)
+
+
+def worker_hooks(spec: TrainSpec) -> list:
+    """The per-rank halves of the run's callbacks (``FaultPlan``, ``RankDebugger``, ...)."""
+    return [cb.worker_hook() for cb in spec.run_config.callbacks if hasattr(cb, "worker_hook")]
+
+
+class InlineCoordinator:
+    """One rank in this process: a report commits at once."""
+
+    def __init__(self, ledger: RunLedger, attempt: int):
+        self.ledger = ledger
+        self.attempt = attempt
+
+    def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
+        t0 = time.perf_counter()
+        self.ledger.commit(self.attempt, index, metrics or {}, checkpoint_dir,
+                           {0: files} if checkpoint_dir else None, world_size=1,
+                           barrier_s=time.perf_counter() - t0)
+        return ReportReply(checkpoint_dir)
+
+    def collective(self, world_rank, op, seq, payload):
+        return payload
+
+    def reported_checkpoints(self):
+        return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
+
+    def record_fault(self, fields: dict) -> bool:
+        return self.ledger.record_fault(fields)
+
+
+def run_attempts(spec: TrainSpec, *, backend_name: str, num_workers: Any = 0,
+                 coordinator: Callable[[RunLedger, int], Any] = InlineCoordinator,
+                 max_failures: Optional[int] = None, with_hooks: bool = True,
+                 before_finish: Optional[Callable[[Any], None]] = None):
+    """Run ``spec``'s training function in this process, attempt after attempt, under the contract.
+
+    ``coordinator(ledger, attempt)`` makes each attempt's coordinator; ``max_failures``
+    overrides ``FailureConfig.max_failures``; ``with_hooks`` ships the run's callbacks to the
+    rank; ``before_finish(coordinator)`` runs after the function returned, before the run is
+    marked finished. Returns the ``Result``; raises ``WorkerGroupError`` (root cause: the
+    function's exception) once the failures are spent.
+    """
+    rc = spec.run_config
+    store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
+    ledger = RunLedger(store, rc.checkpoint_config, backend=backend_name, num_workers=num_workers)
+    subscribe_callbacks(ledger, spec)
+    limit = rc.failure_config.max_failures if max_failures is None else max_failures
+    hooks = worker_hooks(spec) if with_hooks else []
+    while True:
+        attempt = ledger.start_attempt(1, [{"world_rank": 0, "local_rank": 0, "node_rank": 0,
+                                            "node_id": "local", "pid": os.getpid()}])
+        coord = coordinator(ledger, attempt)
+        session = Session(RankInfo(attempt=attempt, node_id="local"), store, coord, experiment_name=rc.name,
+                          start_checkpoint=ledger.latest_checkpoint(), start_index=ledger.latest_index,
+                          datasets=spec.datasets, hooks=hooks)
+        try:
+            with install_session(session):
+                value = call_train_fn(spec)
+        except Exception as e:  # noqa: BLE001 - every user error is a failure of the attempt
+            ledger.failures += 1
+            decision = decide_failure(ledger.failures, limit)
+            failure = failure_from(e, 0)
+            ledger.record_failure(attempt, [failure], will_retry=decision is FailureDecision.RETRY)
+            if decision is FailureDecision.RETRY:
+                continue
+            err = WorkerGroupError(f"rank 0 raised {type(e).__name__} (attempt {attempt}, "
+                                   f"max_failures={limit})", [failure])
+            ledger.finish("failed", err)
+            raise err from e
+        except BaseException as e:  # KeyboardInterrupt: record, then let it go
+            ledger.finish("aborted", WorkerGroupError(f"aborted by {type(e).__name__}", [failure_from(e, 0)]))
+            raise
+        if before_finish is not None:
+            before_finish(coord)
+        ledger.finish("finished")
+        return ledger.result(return_value=value)
+
+
+__all__ = ["Backend", "TrainSpec", "register_backend", "get_backend", "available_backends", "MULTI_WORKER",
+           "FAULT_INJECTION", "ELASTIC", "VIRTUAL_NODES", "HANG_DIAGNOSTICS", "PREEMPTION", "DURABLE_REPORT",
+           "Session", "Coordinator", "RankInfo", "ReportReply", "InlineCoordinator", "install_session",
+           "call_train_fn", "failure_from", "subscribe_callbacks", "worker_hooks", "run_attempts"]
