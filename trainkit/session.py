@@ -37,6 +37,9 @@ class RankInfo:
 @dataclass(frozen=True)
 class ReportReply:
     checkpoint_dir: Optional[str] = None  # the committed checkpoint folder, if this round had one
+    # The round was committed and the attempt ends with it (a preempted group stops after its next
+    # commit): raised once the report is complete on this rank, after-report hooks included.
+    then_raise: Optional[BaseException] = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class _Session:
             fn = getattr(h, "after_report", None)
             if fn:
                 fn(self.context, index, metrics)
+        if reply.then_raise is not None:
+            raise reply.then_raise
 
     def collective(self, op: str, payload: Any = None) -> Any:
         seq = self._seq.get(op, 0) + 1

@@ -397,8 +397,8 @@ class Controller:
             run.round = None
             try:
                 value = await self._complete(run, rnd)
-                if run.stop is not None and rnd.key[0] == "report":
-                    fut.set_result(("stop", run.stop.message))
+                if run.stop is not None and rnd.key[0] == "report":  # committed; the attempt ends here
+                    fut.set_result(("committed_then_stop", (value, run.stop.message)))
                     if run.ended is not None and not run.ended.done():
                         run.ended.set_result([run.stop])
                 else:

@@ -39,7 +39,10 @@ class RayCoordinator:
         self.attempt = attempt
 
     def _call(self, method: str, *args):
-        status, value = ray.get(getattr(self.controller, method).remote(self.run_id, self.attempt, *args))
+        return self._reply(*ray.get(getattr(self.controller, method).remote(self.run_id, self.attempt, *args)))
+
+    @staticmethod
+    def _reply(status: str, value):
         if status == "error":
             raise value
         if status == "stop":
@@ -47,7 +50,12 @@ class RayCoordinator:
         return value
 
     def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
-        return ReportReply(self._call("report", world_rank, index, metrics, checkpoint_dir, files))
+        status, value = ray.get(self.controller.report.remote(self.run_id, self.attempt, world_rank, index, metrics,
+                                                              checkpoint_dir, files))
+        if status == "committed_then_stop":  # committed: the rank completes its report, then stops
+            checkpoint, why = value
+            return ReportReply(checkpoint, then_raise=_Interrupted(why))
+        return ReportReply(self._reply(status, value))
 
     def collective(self, world_rank, op, seq, payload):
         return self._call("collective", world_rank, op, seq, payload)
