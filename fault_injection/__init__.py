@@ -8,7 +8,7 @@
 Importing this package imports neither Ray nor torch.
 """
 
-from trainkit._extras import require as _require
+from trainkit.extras import require as _require
 
 _require("testing", "fault_injection (FaultPlan, scenarios)", ("pydantic", "yaml"))
 

@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.extra:
-        from trainkit._extras import require
+        from trainkit.extras import require
 
         require(args.extra, f"trainkit {args.command}")
     module, _, func = args.entry.partition(":")

@@ -68,7 +68,7 @@ def resolve_filesystem(path: str, filesystem: Any = None):
     import fsspec.core
 
     if str(path).startswith(("s3://", "s3a://")):
-        from trainkit._extras import require
+        from trainkit.extras import require
 
         require("s3", f"storage {path!r}")
     try:

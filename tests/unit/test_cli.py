@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainkit import _extras, cli
+from trainkit import cli, extras
 from trainkit.errors import ConfigError, MissingExtraError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,14 +27,14 @@ def test_help_describes_every_command_for_a_user(capsys):
 
 def test_every_extra_named_in_code_is_declared_in_pyproject():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert set(_extras.EXTRAS) <= set(declared)
+    assert set(extras.EXTRAS) <= set(declared)
     assert {"s3", "chaos", "debug", "testing", "ray-train", "examples", "test", "all"} == set(declared)
     assert set(declared["all"][0].split("[")[1].rstrip("]").split(",")) == set(declared) - {"test", "all"}
 
 
 def test_a_missing_module_names_the_extra_and_the_pip_command():
     with pytest.raises(MissingExtraError) as info:
-        _extras.require("chaos", "trainkit chaos", ("trainkit_no_such_module_a", "json", "trainkit_no_such_b"))
+        extras.require("chaos", "trainkit chaos", ("trainkit_no_such_module_a", "json", "trainkit_no_such_b"))
     e = info.value
     assert e.missing == ("trainkit_no_such_module_a", "trainkit_no_such_b") and e.extra == "chaos"
     assert str(e) == ("trainkit chaos needs the 'chaos' extra "
@@ -47,18 +47,18 @@ def test_the_pip_command_of_a_checkout_is_editable_with_its_constraints(monkeypa
     checkout = tmp_path / "trainkit-src"
     (checkout / ".ci").mkdir(parents=True)
     (checkout / ".ci" / "constraints.txt").write_text("")
-    monkeypatch.setattr(_extras, "_editable_root", lambda: str(checkout))
+    monkeypatch.setattr(extras, "_editable_root", lambda: str(checkout))
     monkeypatch.chdir(checkout)
-    assert _extras.pip_command("s3") == 'pip install -c .ci/constraints.txt -e ".[s3]"'
-    monkeypatch.setattr(_extras, "_editable_root", lambda: None)
-    assert _extras.pip_command("s3") == "pip install 'trainkit[s3]'"
+    assert extras.pip_command("s3") == 'pip install -c .ci/constraints.txt -e ".[s3]"'
+    monkeypatch.setattr(extras, "_editable_root", lambda: None)
+    assert extras.pip_command("s3") == "pip install 'trainkit[s3]'"
 
 
 @pytest.mark.parametrize("argv, extra", [(["chaos", "scenarios/preempt.yaml"], "chaos"),
                                          (["conformance", "--backend", "local"], "testing")])
 def test_a_command_without_its_extra_prints_error_and_pip_command_without_traceback(monkeypatch, capsys, argv,
                                                                                       extra):
-    monkeypatch.setitem(_extras.EXTRAS, extra, _extras.EXTRAS[extra] + ("trainkit_no_such_module",))
+    monkeypatch.setitem(extras.EXTRAS, extra, extras.EXTRAS[extra] + ("trainkit_no_such_module",))
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2
@@ -73,7 +73,7 @@ def test_a_command_without_its_extra_prints_error_and_pip_command_without_traceb
 def test_s3_storage_without_the_s3_extra_is_a_clear_error_before_anything_runs(monkeypatch):
     from trainkit.storage import resolve_filesystem
 
-    monkeypatch.setitem(_extras.EXTRAS, "s3", ("trainkit_no_such_s3fs",))
+    monkeypatch.setitem(extras.EXTRAS, "s3", ("trainkit_no_such_s3fs",))
     with pytest.raises(MissingExtraError, match=r"storage 's3://bucket/runs' needs the 's3' extra"):
         resolve_filesystem("s3://bucket/runs")
 
@@ -81,7 +81,7 @@ def test_s3_storage_without_the_s3_extra_is_a_clear_error_before_anything_runs(m
 def test_rank_debugger_without_the_debug_extra_is_a_clear_error(monkeypatch):
     from trainkit.diagnostics.debug import RankDebugger
 
-    monkeypatch.setitem(_extras.EXTRAS, "debug", ("trainkit_no_such_debugpy",))
+    monkeypatch.setitem(extras.EXTRAS, "debug", ("trainkit_no_such_debugpy",))
     with pytest.raises(MissingExtraError, match="RankDebugger needs the 'debug' extra") as info:
         RankDebugger(rank=0)
     assert "[debug]" in info.value.hint

@@ -57,7 +57,7 @@ class RayTrainBackend:
         return f"ray {ray.__version__} (Ray Train V2)"
 
     def run(self, spec: backends.TrainSpec):
-        from trainkit._extras import require
+        from trainkit.extras import require
 
         require("ray-train", "the ray_train backend")
         import ray.train

@@ -53,7 +53,7 @@ class RankDebugger:
             raise ConfigError("RankDebugger.post_mortem_s", post_mortem_s, "seconds > 0, or None")
         if rank is None and post_mortem_s is None:
             raise ConfigError("RankDebugger", None, "rank=<world rank> and/or post_mortem_s=<seconds>")
-        from trainkit._extras import require
+        from trainkit.extras import require
 
         require("debug", "RankDebugger")
         self.rank = rank

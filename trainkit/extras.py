@@ -2,9 +2,10 @@
 
 ``pip install trainkit`` holds what ``fit()`` needs; commands and features with heavier
 dependencies check for their extra before they import anything from it, and raise
-``MissingExtraError`` naming the extra and the exact pip command (the CLI prints it as
-``error:`` / ``hint:`` without a traceback). The groups match ``pyproject.toml``'s
-``[project.optional-dependencies]``; tests/unit/test_extras.py keeps the two in step.
+``MissingExtraError`` naming the extra and the exact pip command (the CLI prints it as one
+``error:`` line without a traceback). Other packages of this repository (fault_injection)
+call ``require`` too. The groups match ``pyproject.toml``'s
+``[project.optional-dependencies]``; tests/unit/test_cli.py keeps the two in step.
 Looks modules up with ``importlib.util.find_spec``: imports nothing. Runs in any process.
 """
 
