@@ -195,6 +195,8 @@ def judge(scenario: Scenario, store, elapsed_s: float = 0.0, error: Optional[Bas
     read = ev.parse_events(store.read_bytes(EVENTS))
     state = store.read_json(MANIFEST)
     rows = verdicts.check(scenario.expect, read.events, state, set(store.list_dirs()))
+    if scenario.faults:  # implicit: a verdict over faults that never fired would mean nothing
+        rows.insert(0, verdicts.faults_fired([F.fault_id(f, i) for i, f in enumerate(scenario.faults)], read.events))
     return Outcome(scenario.name, rows, store.uri, read.events, state, elapsed_s, error,
                    verdicts.recovery_times(read.events), read.problem)
 

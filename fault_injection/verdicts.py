@@ -87,6 +87,14 @@ def recovery_times(events: list) -> list[dict]:
     return out
 
 
+def faults_fired(fault_ids: list[str], events: list) -> Row:
+    """Every fault of the scenario fired at least once: a scenario whose fault never fired tested nothing."""
+    fired = {e.detail.get("fault") for e in events if isinstance(e, ev.FaultInjected)}
+    missing = [f for f in fault_ids if f not in fired]
+    return Row("faults_fired", ", ".join(fault_ids), f"never fired: {', '.join(missing)}" if missing else
+               ", ".join(fault_ids), not missing)
+
+
 def check(expect, events: list, state: Optional[dict], existing_dirs: Optional[set] = None) -> list[Row]:
     """One row per expectation the scenario sets (``expect`` is a ``scenario.Expect``)."""
     rows = []

@@ -133,3 +133,12 @@ def test_chaos_exits_2_on_a_typo_naming_file_line_and_key_before_anything_starts
     out = capsys.readouterr().err
     assert f"error: {path}:3: unknown key 'scaling.num_wokers'" in out and "did you mean 'num_workers'?" in out
     assert "hint:" in out
+
+
+def test_a_fault_that_never_fired_fails_the_verdict():
+    fired = ev.FaultInjected(attempt=1, action="kill_worker", world_rank=1, node=None, index=3,
+                             detail={"key": "fault0@r3", "fault": "fault0", "when": "before"})
+    row = verdicts.faults_fired(["fault0", "late"], [fired])
+    assert (row.name, row.passed, row.observed) == ("faults_fired", False, "never fired: late")
+    assert verdicts.faults_fired(["fault0"], [fired]).passed
+    assert not verdicts.faults_fired(["fault0"], []).passed
