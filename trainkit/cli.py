@@ -1,17 +1,19 @@
 """The ``trainkit`` command: parse the command line, run one subcommand, map errors to exit codes.
 
-Each subcommand lives with its subsystem and is imported only when it runs, so
-``trainkit --help`` starts instantly and a missing optional dependency of one command
-never breaks another (it is named, with the pip command, before anything is imported):
+Every subcommand's options are declared here. What a command does is imported only when
+it runs (chaos and conformance live with their subsystems; diagnose is a few lines below,
+over trainkit.diagnostics), so ``trainkit --help`` starts instantly and a missing optional
+dependency of one command never breaks another (it is named, with the pip command, before
+anything is imported):
 
-    chaos        fault_injection.chaos.main(args)         extra: chaos
-    diagnose     trainkit.diagnostics.report.main(args)   (core)
-    conformance  conformance.runner.main(args)            extra: testing
+    chaos        fault_injection.chaos.main(args)   extra: chaos
+    diagnose     diagnose(args) below: trainkit.diagnostics.run_report, .render (.live for --live)
+    conformance  conformance.runner.main(args)      extra: testing
 
 The one error boundary: a ``TrainkitError`` is printed as ``error:`` (and ``hint:``) and
 exits 2, with a traceback only under ``-v``; a closed pipe (``trainkit diagnose RUN | head``)
-ends the command quietly. Every ``--json OUT`` writes its report to ``OUT`` (``-``: stdout).
-Runs in the user's shell process.
+ends the command quietly. Every ``--json OUT`` writes its report to ``OUT`` (``-``: stdout)
+through ``trainkit.jsonout.write_json``. Runs in the user's shell process.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("path", metavar="PATH", help="scenario file (YAML, version: 1)")
     c.add_argument("--backend", default=None, help="backend to run on (default: the scenario's, else ray)")
     c.add_argument("--seed", type=int, default=None, help="seed for random targets (default: the scenario's)")
-    c.add_argument("--json", metavar="OUT", default=None, help="write the verdict as JSON to OUT (- for stdout)")
+    _json_option(c, "the verdict")
     c.add_argument("--plot", metavar="OUT.png", default=None, help="draw the timeline to a PNG file")
     c.add_argument("--storage", default=None, help="storage path for the run (default: a temporary folder)")
     c.set_defaults(entry="fault_injection.chaos:main", extra="chaos")
@@ -56,17 +58,21 @@ def _parser() -> argparse.ArgumentParser:
                                    "default storage) and explain what happened. Reads JSON and text only.")
     d.add_argument("run", metavar="RUN", help="run folder, s3:// URL, or run name under $TRAINKIT_STORAGE_PATH")
     d.add_argument("--live", action="store_true", help="dump fresh stacks of every rank of a running run")
-    d.add_argument("--json", metavar="OUT", default=None, help="write the report as JSON to OUT (- for stdout)")
-    d.set_defaults(entry="trainkit.diagnostics.report:main", extra=None)
+    _json_option(d, "the report")
+    d.set_defaults(entry=diagnose, extra=None)
 
     k = sub.add_parser("conformance", help="run the conformance suite against a backend (ray, local, ray_train, ...)",
                        description="Run the backend-agnostic conformance cases against one backend and "
                                    "print a table by category.")
     k.add_argument("--backend", required=True, help="backend name (ray, local, ray_train, or a registered one)")
     k.add_argument("-k", dest="keyword", metavar="EXPR", default=None, help="only cases matching EXPR (pytest -k)")
-    k.add_argument("--json", metavar="OUT", default=None, help="write the outcome per case as JSON to OUT")
+    _json_option(k, "the outcome per case")
     k.set_defaults(entry="conformance.runner:main", extra="testing")
     return p
+
+
+def _json_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", metavar="OUT", default=None, help=f"write {what} as JSON to OUT (- for stdout)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -104,9 +110,43 @@ def _run(args: argparse.Namespace) -> int:
         from trainkit.extras import require
 
         require(args.extra, f"trainkit {args.command}")
-    module, _, func = args.entry.partition(":")
-    entry = getattr(importlib.import_module(module), func)
+    entry = args.entry
+    if isinstance(entry, str):  # "module:function", imported now
+        module, _, func = entry.partition(":")
+        entry = getattr(importlib.import_module(module), func)
     return int(entry(args) or 0)
+
+
+def diagnose(args: argparse.Namespace) -> int:
+    """``trainkit diagnose RUN [--live] [--json OUT]``: 0 the run is readable and did not fail, 1 it failed or hung.
+
+    A run that cannot be found raises ``DiagnoseError`` (exit 2 at the boundary). Imports
+    no Ray or torch: ``--live`` alone runs py-spy.
+
+    >>> diagnose(argparse.Namespace(run="/tmp/trainkit_results/my_run", live=False, json=None))  # doctest: +SKIP
+    1
+    """
+    from trainkit.diagnostics.render import render_text
+    from trainkit.diagnostics.run_report import DiagnoseError, load_report
+    from trainkit.errors import StorageError
+    from trainkit.jsonout import STDOUT, write_json
+
+    try:
+        report = load_report(args.run)
+    except StorageError as e:  # the RUN given cannot be opened: a usage error, with diagnose's hint
+        raise DiagnoseError(str(e)) from e
+    if getattr(args, "live", False):
+        from dataclasses import replace
+
+        from trainkit.diagnostics.live import live_stacks
+
+        report = replace(report, live=live_stacks(report))
+    out = getattr(args, "json", None)
+    if out:
+        write_json(report.to_dict(), out, indent=1)
+    if out != STDOUT:
+        print(render_text(report))
+    return 1 if report.failed_or_hung else 0
 
 
 def _silence_stdout() -> None:

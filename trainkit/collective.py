@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainkit.session import _require
+from trainkit.session import current_session
 
 
 def barrier() -> None:
     """Wait until every rank of the group called ``barrier()``."""
-    _require("collective.barrier").collective("barrier")
+    current_session("collective.barrier").collective("barrier")
 
 
 def broadcast_from_rank_zero(data: Any) -> Any:
     """Return rank 0's ``data`` on every rank (other ranks' ``data`` is ignored)."""
-    return _require("collective.broadcast_from_rank_zero").collective("broadcast", data)
+    return current_session("collective.broadcast_from_rank_zero").collective("broadcast", data)
 
 
 __all__ = ["barrier", "broadcast_from_rank_zero"]

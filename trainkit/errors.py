@@ -104,6 +104,10 @@ class StorageError(TrainkitError):
     """The run's storage cannot be reached, read or written."""
 
 
+class OutputError(TrainkitError):
+    """A command cannot write a file it was told to write (``--json OUT``, ``--plot OUT``)."""
+
+
 class CheckpointError(TrainkitError):
     """A checkpoint cannot be committed or read (missing folder, ranks disagreeing on checkpoint_dir_name)."""
 
@@ -138,18 +142,30 @@ class WorkerFailure:
         return cls(**known)
 
     def headline(self) -> str:
+        """``rank 1 (node 5f0c1a2b3c4d, pid 4242): ValueError: boom``: which rank failed, and how."""
+        return f"{self.where()}: {self.what()}"
+
+    def where(self, *, exit_code: bool = True) -> str:
+        """``rank 1 (node 5f0c1a2b3c4d, pid 4242, exit code -9)``; the parts not known are left out.
+
+        >>> WorkerFailure(1, node_id="5f0c1a2b3c4d5e6f", pid=4242).where()
+        'rank 1 (node 5f0c1a2b3c4d, pid 4242)'
+        """
         where = f"rank {self.world_rank}"
         extra = []
         if self.node_id:
-            extra.append(f"node {self.node_id[:12]}")
+            extra.append(f"node {str(self.node_id)[:12]}")
         if self.pid:
             extra.append(f"pid {self.pid}")
-        if self.exit_code is not None:
+        if exit_code and self.exit_code is not None:
             extra.append(f"exit code {self.exit_code}")
         if extra:
             where += " (" + ", ".join(extra) + ")"
-        what = f"{self.exc_type}: {self.message}" if self.exc_type else self.message
-        return f"{where}: {what}"
+        return where
+
+    def what(self) -> str:
+        """``ValueError: boom`` (the exception type and message), or the message alone."""
+        return f"{self.exc_type}: {self.message}" if self.exc_type else self.message
 
 
 class TrainingFailedError(TrainkitError):

@@ -68,8 +68,6 @@ class RunLedger:
         self.state = state
         self._lineage = lineage(read.events)
         self._drop_lineage_after(self.latest_index)
-        self.failures = 0  # per fit(), as in Ray Train
-        self.preemptions = 0
         self._write()
         self.events.emit(ev.RunStarted(name=store.name, path=store.uri, backend=backend,
                                        num_workers=num_workers,

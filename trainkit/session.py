@@ -1,6 +1,6 @@
 """The per-rank API: ``report``, ``get_checkpoint``, ``get_context``, ``get_dataset_shard``.
 
-A ``_Session`` exists in a process while a training function runs there (the driver
+A ``Session`` exists in a process while a training function runs there (the driver
 in local mode, each torchrun process, each Ray worker actor). It does the rank's half of
 a report (validate metrics, copy the checkpoint folder into the run directory) and hands
 the rest to a ``Coordinator``, which returns once every rank of the group arrived and
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from trainkit.checkpoint import Checkpoint
-from trainkit.errors import ConfigError, ReportError, SessionError
+from trainkit.errors import ConfigError, SessionError
 from trainkit.storage import RunStore
 
 
@@ -92,7 +92,12 @@ def validate_metrics(metrics: Any) -> dict:
     return metrics
 
 
-class _Session:
+class Session:
+    """One rank's view of its run: what ``report``, ``get_checkpoint``, ``get_context`` talk to.
+
+    A backend makes one per rank and installs it (``trainkit.backends.api.install_session``).
+    """
+
     def __init__(self, info: RankInfo, store: RunStore, coordinator: Coordinator, *, experiment_name: str,
                  start_checkpoint: Optional[Checkpoint] = None, start_index: int = 0,
                  datasets: Optional[dict] = None, hooks: Optional[list] = None,
@@ -173,7 +178,7 @@ def rank_device(info: "RankInfo"):
 
 def rank_shard(session, name: str, state_dict: Any = None):
     """This rank's shard of ``session.datasets[name]``, with the rank's report hooks that have
-    ``on_batch`` listening to its batches. ``session`` is any per-rank session (``_Session``, or a
+    ``on_batch`` listening to its batches. ``session`` is any per-rank session (``Session``, or a
     backend's forwarding session) with ``datasets``, ``hooks``, ``context`` and ``info``."""
     from trainkit.data import make_shard
 
@@ -187,7 +192,7 @@ def rank_shard(session, name: str, state_dict: Any = None):
 class TrainContext:
     """What a rank knows about itself and its run (``trainkit.get_context()``)."""
 
-    def __init__(self, session: _Session):
+    def __init__(self, session: Session):
         self._s = session
 
     def get_world_rank(self) -> int:
@@ -228,17 +233,17 @@ class TrainContext:
         return self._s.preempted.is_set()
 
 
-_current: Optional[_Session] = None
+_current: Optional[Session] = None
 _lock = threading.Lock()
 
 
-def _set_session(s: Optional[_Session]) -> None:
+def set_session(s: Optional[Session]) -> None:
     global _current
     with _lock:
         _current = s
 
 
-def _require(fn_name: str) -> _Session:
+def current_session(fn_name: str) -> Session:
     s = _current
     if s is None:
         raise SessionError(f"`{fn_name}` cannot be used outside of a trainkit training function: call it "
@@ -257,24 +262,24 @@ def report(metrics: dict, checkpoint: Optional[Checkpoint] = None, checkpoint_di
 
     >>> trainkit.report({"loss": loss.item()}, checkpoint=Checkpoint.from_directory(d))  # doctest: +SKIP
     """
-    _require("report").report(metrics, checkpoint, checkpoint_dir_name)
+    current_session("report").report(metrics, checkpoint, checkpoint_dir_name)
 
 
 def get_checkpoint() -> Optional[Checkpoint]:
     """The checkpoint to resume from: the latest committed one (None at the start of a fresh run)."""
-    return _require("get_checkpoint").checkpoint
+    return current_session("get_checkpoint").checkpoint
 
 
 def get_all_reported_checkpoints() -> list[ReportedCheckpoint]:
     """The run's retained checkpoints with their metrics, oldest first."""
-    s = _require("get_all_reported_checkpoints")
+    s = current_session("get_all_reported_checkpoints")
     return [ReportedCheckpoint(Checkpoint(s.store.path(d), s.store.fs), m)
             for d, m in s.coordinator.reported_checkpoints()]
 
 
 def get_context() -> TrainContext:
     """This rank's ``TrainContext`` (world rank and size, local rank, node rank, storage, attempt)."""
-    return _require("get_context").context
+    return current_session("get_context").context
 
 
 def get_dataset_shard(dataset_name: Optional[str] = None, state_dict: Any = None):
@@ -283,20 +288,15 @@ def get_dataset_shard(dataset_name: Optional[str] = None, state_dict: Any = None
     ``state_dict``: a state saved from ``shard.state_dict()`` (this rank's) or the list of
     every rank's states, to resume mid-epoch (see ``trainkit.data`` and docs/data.md).
     """
-    return _require("get_dataset_shard").get_dataset_shard(dataset_name, state_dict)
+    return current_session("get_dataset_shard").get_dataset_shard(dataset_name, state_dict)
 
 
 def record_fault(fields: dict) -> bool:
     """The fault-injection seam: put a ``fault_injected`` event (its fields as a dict) into the run's
     event stream through this rank's coordinator. False when a fault with the same ``detail["key"]``
     already fired in this run (True where the coordinator keeps no stream, e.g. torchrun ranks > 0)."""
-    fn = getattr(_require("record_fault").coordinator, "record_fault", None)
+    fn = getattr(current_session("record_fault").coordinator, "record_fault", None)
     return bool(fn(fields)) if fn is not None else True
-
-
-def _mismatch(op_a: str, seq_a: int, op_b: str, seq_b: int, ranks: str) -> ReportError:
-    return ReportError(f"ranks called different collectives: {op_a} #{seq_a} vs {op_b} #{seq_b} ({ranks}); "
-                       "every rank must call report()/barrier()/broadcast_from_rank_zero() in the same order")
 
 
 __all__ = ["report", "get_checkpoint", "get_all_reported_checkpoints", "get_context", "get_dataset_shard",

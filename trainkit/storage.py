@@ -214,13 +214,14 @@ class RunStore:
             old = self.read_bytes(rel) or b""
             self.fs.pipe_file(p, old + text.encode())
 
-    def list_dirs(self) -> list[str]:
-        """Names of the folders directly in the run directory."""
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """Names of the folders directly in the run directory, or in its folder ``rel``; none if it does not exist."""
+        base = self.path(rel) if rel else self.run_path
         try:
             if self.local:
-                return sorted(e.name for e in os.scandir(self.run_path) if e.is_dir())
-            entries = self.fs.ls(self.run_path, detail=True)
-        except FileNotFoundError:
+                return sorted(e.name for e in os.scandir(base) if e.is_dir())
+            entries = self.fs.ls(base, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 

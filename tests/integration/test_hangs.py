@@ -22,10 +22,12 @@ import pytest
 
 import trainkit
 from trainkit import FailureConfig, HangConfig, HangDetectedError, RunConfig, ScalingConfig
-from trainkit.diagnostics import report as diag
+from trainkit.cli import diagnose
+from trainkit.diagnostics.run_report import load_report
 from trainkit.torch import TorchTrainer
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"), pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
+              pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]
 
 THIS_FILE = os.path.basename(__file__)
 
@@ -155,7 +157,7 @@ def _summary(run_path: str, event: dict) -> dict:
 def _diagnose(run_path: str, tmp_path, capsys) -> tuple[int, str, dict]:
     out = str(tmp_path / "diag.json")
     capsys.readouterr()
-    code = diag.main(argparse.Namespace(run=run_path, live=False, json=out))
+    code = diagnose(argparse.Namespace(run=run_path, live=False, json=out))
     text = capsys.readouterr().out
     with open(out) as f:
         data = json.load(f)
@@ -441,7 +443,7 @@ def test_trainkit_debug_rank_waits_for_a_real_debugger_before_running(storage_pa
     assert "error" not in box, box.get("error")
     assert box["result"].metrics == {"step": 1}
     assert float((tmp_path / "started-1").read_text()) >= attached
-    rep = diag.load_report(run_path)
+    rep = load_report(run_path).to_dict()
     assert rep["debuggers"][0]["port"] == e["port"]
 
 

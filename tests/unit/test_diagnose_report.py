@@ -12,8 +12,10 @@ import json
 import pytest
 
 from trainkit import events as ev
+from trainkit.cli import diagnose
 from trainkit.cli import main as cli_main
-from trainkit.diagnostics.report import DiagnoseError, load_report, main, render_short, render_text
+from trainkit.diagnostics.render import render_short, render_text
+from trainkit.diagnostics.run_report import DiagnoseError, load_report
 
 STACK = ('Process 11: ray::RankWorker.run\n\nThread 12 (idle): "Thread-2"\n'
          "    stuck (/home/u/train.py:12)\n    train_fn (/home/u/train.py:30)\n"
@@ -65,7 +67,7 @@ def _write_run(root, name="run1", *, status="failed", hang=True, extra_lines="")
 
 
 def test_a_hung_run_reports_status_failure_hang_frames_and_rank_indices(tmp_path):
-    rep = load_report(str(_write_run(tmp_path)))
+    rep = load_report(str(_write_run(tmp_path))).to_dict()
     assert rep["status"] == "failed" and rep["last_index"] == 2
     assert rep["failures"][0]["world_rank"] == 1 and rep["failures"][0]["root_cause"]
     (h,) = rep["hangs"]
@@ -101,10 +103,10 @@ def test_render_text_highlights_the_user_frame_in_the_stack(tmp_path):
 ])
 def test_a_damaged_events_file_is_read_up_to_the_bad_line_and_said_so(tmp_path, capsys, damage, line):
     run = _write_run(tmp_path, status="running", extra_lines=damage)
-    rep = load_report(str(run))
+    rep = load_report(str(run)).to_dict()
     assert rep["events"]["stopped_at_line"] == line and rep["events"]["read"] == 5
     assert rep["hangs"] and rep["hangs"][0]["missing_ranks"] == [1]
-    code = main(argparse.Namespace(run=str(run), live=False, json=None))
+    code = diagnose(argparse.Namespace(run=str(run), live=False, json=None))
     out = capsys.readouterr().out
     assert f"events.jsonl line {line} is" in out
     assert code == 1  # a hang was found
@@ -115,7 +117,7 @@ def test_garbage_in_every_file_never_raises(tmp_path, capsys):
     (run / "run_state.json").write_bytes(b"\x00\xff{{{")
     (run / "events.jsonl").write_bytes(b"\xff\xfe garbage\n" * 3)
     (run / "diagnostics" / "hang-3-20250101-000000-000" / "summary.json").write_text("[1, 2")
-    code = main(argparse.Namespace(run=str(run), live=False, json="-"))
+    code = diagnose(argparse.Namespace(run=str(run), live=False, json="-"))
     data = json.loads(capsys.readouterr().out)
     assert code in (0, 1)
     assert data["events"]["stopped_at_line"] == 1
@@ -153,7 +155,7 @@ def test_a_hang_folder_without_its_event_still_shows(tmp_path):
     run = _write_run(tmp_path)
     lines = (run / "events.jsonl").read_text().splitlines()
     (run / "events.jsonl").write_text("\n".join(l for l in lines if "hang_detected" not in l) + "\n")
-    rep = load_report(str(run))
+    rep = load_report(str(run)).to_dict()
     assert [h["missing_ranks"] for h in rep["hangs"]] == [[1]]
 
 
@@ -162,7 +164,7 @@ def test_debugger_events_are_shown(tmp_path):
     with open(run / "events.jsonl", "a") as f:
         f.write(ev.DebuggerListening(attempt=1, world_rank=1, port=5678, reason="TRAINKIT_DEBUG_RANK").to_json() + "\n")
     rep = load_report(str(run))
-    assert rep["debuggers"][0]["port"] == 5678
+    assert rep.to_dict()["debuggers"][0]["port"] == 5678
     assert "debugger: rank 1 listens on 127.0.0.1:5678" in render_short(rep)
 
 
@@ -180,7 +182,7 @@ def test_live_dumps_fresh_stacks_of_the_running_ranks_with_py_spy(tmp_path, caps
         run = _write_run(tmp_path, status="running", hang=False)
         text = (run / "events.jsonl").read_text().replace('"pid": 11', f'"pid": {proc.pid}')
         (run / "events.jsonl").write_text(text)
-        code = main(argparse.Namespace(run=str(run), live=True, json="-"))
+        code = diagnose(argparse.Namespace(run=str(run), live=True, json="-"))
         data = json.loads(capsys.readouterr().out)
         live = {r["world_rank"]: r for r in data["live"]}
         assert live[1]["classification"] == "user_code"

@@ -9,7 +9,7 @@ import pytest
 
 from trainkit import errors
 from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, MissingExtraError,
-                             ReportError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
+                             OutputError, ReportError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
                              WorkerFailure, WorkerGroupError)
 
 _FAILURES = [
@@ -25,6 +25,7 @@ _EXAMPLES = [
     ConfigError("a free-form message"),
     ScenarioError("unknown key 'atx'", path="scenarios/preempt.yaml", line=7, key="faults[0].atx", suggestion="at"),
     StorageError("storage 's3://b' is not writable"),
+    OutputError("cannot write /nope/out.json: [Errno 2] No such file or directory"),
     CheckpointError("ranks 0 and 1 both wrote 'model.pt'"),
     SessionError("`report` cannot be used outside of a trainkit training function"),
     ReportError("ranks called different collectives"),

@@ -31,6 +31,7 @@ Runs in the driver (``run_attempts``) and in the ranks (sessions).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import traceback
@@ -39,23 +40,23 @@ from typing import Any, Callable, Iterator, Optional
 from trainkit.backends import (DURABLE_REPORT, ELASTIC, FAULT_INJECTION, HANG_DIAGNOSTICS, MULTI_WORKER,
                                PREEMPTION, VIRTUAL_NODES, Backend, TrainSpec, available_backends, get_backend,
                                register_backend)
+from trainkit.backends import decide
 from trainkit.errors import WorkerFailure, WorkerGroupError
 from trainkit.ledger import RunLedger
-from trainkit.policies import FailureDecision, decide_failure
 from trainkit.session import Coordinator, RankInfo, ReportReply
-from trainkit.session import _Session as Session
-from trainkit.session import _set_session
+from trainkit.session import Session
+from trainkit.session import set_session
 from trainkit.storage import RunStore
 
 
 @contextlib.contextmanager
 def install_session(session: Session) -> Iterator[Session]:
     """Make ``session`` the one the per-rank API of this process talks to, for the block."""
-    _set_session(session)
+    set_session(session)
     try:
         yield session
     finally:
-        _set_session(None)
+        set_session(None)
 
 
 def call_train_fn(spec: TrainSpec) -> Any:
@@ -115,18 +116,21 @@ def run_attempts(spec: TrainSpec, *, backend_name: str, num_workers: Any = 0,
                  before_finish: Optional[Callable[[Any], None]] = None):
     """Run ``spec``'s training function in this process, attempt after attempt, under the contract.
 
-    ``coordinator(ledger, attempt)`` makes each attempt's coordinator; ``max_failures``
-    overrides ``FailureConfig.max_failures``; ``with_hooks`` ships the run's callbacks to the
-    rank; ``before_finish(coordinator)`` runs after the function returned, before the run is
-    marked finished. Returns the ``Result``; raises ``WorkerGroupError`` (root cause: the
-    function's exception) once the failures are spent.
+    Each attempt's end is decided by the same rules as the Ray controller's
+    (``trainkit.backends.decide``). ``coordinator(ledger, attempt)`` makes each attempt's
+    coordinator; ``max_failures`` overrides ``FailureConfig.max_failures``; ``with_hooks``
+    ships the run's callbacks to the rank; ``before_finish(coordinator)`` runs after the
+    function returned, before the run is marked finished. Returns the ``Result``; raises
+    ``WorkerGroupError`` (root cause: the function's exception) once the failures are spent.
     """
     rc = spec.run_config
     store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
     ledger = RunLedger(store, rc.checkpoint_config, backend=backend_name, num_workers=num_workers)
     subscribe_callbacks(ledger, spec)
-    limit = rc.failure_config.max_failures if max_failures is None else max_failures
+    fc = rc.failure_config if max_failures is None else dataclasses.replace(rc.failure_config,
+                                                                            max_failures=max_failures)
     hooks = worker_hooks(spec) if with_hooks else []
+    budget = decide.Budget()
     while True:
         attempt = ledger.start_attempt(1, [{"world_rank": 0, "local_rank": 0, "node_rank": 0,
                                             "node_id": "local", "pid": os.getpid()}])
@@ -134,27 +138,26 @@ def run_attempts(spec: TrainSpec, *, backend_name: str, num_workers: Any = 0,
         session = Session(RankInfo(attempt=attempt, node_id="local"), store, coord, experiment_name=rc.name,
                           start_checkpoint=ledger.latest_checkpoint(), start_index=ledger.latest_index,
                           datasets=spec.datasets, hooks=hooks)
+        raised = None
         try:
             with install_session(session):
-                value = call_train_fn(spec)
+                outcome = decide.Outcome(value=call_train_fn(spec))
         except Exception as e:  # noqa: BLE001 - every user error is a failure of the attempt
-            ledger.failures += 1
-            decision = decide_failure(ledger.failures, limit)
-            failure = failure_from(e, 0)
-            ledger.record_failure(attempt, [failure], will_retry=decision is FailureDecision.RETRY)
-            if decision is FailureDecision.RETRY:
-                continue
-            err = WorkerGroupError(f"rank 0 raised {type(e).__name__} (attempt {attempt}, "
-                                   f"max_failures={limit})", [failure])
-            ledger.finish("failed", err)
-            raise err from e
+            raised, outcome = e, decide.Outcome(failures=(failure_from(e, 0),))
         except BaseException as e:  # KeyboardInterrupt: record, then let it go
             ledger.finish("aborted", WorkerGroupError(f"aborted by {type(e).__name__}", [failure_from(e, 0)]))
             raise
-        if before_finish is not None:
-            before_finish(coord)
-        ledger.finish("finished")
-        return ledger.result(return_value=value)
+        action, budget = decide.decide(outcome, budget, fc)
+        if isinstance(action, decide.Finish):
+            if before_finish is not None:
+                before_finish(coord)
+            ledger.finish("finished")
+            return ledger.result(return_value=action.value)
+        ledger.record_failure(attempt, list(outcome.failures), will_retry=isinstance(action, decide.Restart),
+                              kind=action.kind)
+        if isinstance(action, decide.Fail):
+            ledger.finish("failed", action.error)
+            raise action.error from raised
 
 
 __all__ = ["Backend", "TrainSpec", "register_backend", "get_backend", "available_backends", "MULTI_WORKER",

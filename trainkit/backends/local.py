@@ -19,11 +19,13 @@ import time
 from typing import Any, Optional
 
 from trainkit.backends import api
+from trainkit.backends import barrier, decide
+from trainkit.config import FailureConfig
 from trainkit.config import PROCESS_GROUP_TIMEOUT_S
-from trainkit.errors import ReportError, TrainingFailedError, WorkerGroupError
+from trainkit.errors import ReportError, TrainingFailedError
 from trainkit.ledger import RunLedger
 from trainkit.result import load_result
-from trainkit.session import RankInfo, ReportReply, _mismatch, _set_session
+from trainkit.session import RankInfo, ReportReply
 from trainkit.storage import RunStore
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -53,13 +55,10 @@ class TorchDistCoordinator:
         reply: list = [None]
         if self.rank == 0:
             try:
-                ops = {(m[0], m[1]) for m in gathered}
-                if len(ops) > 1 and any(m[0] == "finish" for m in gathered):
-                    raise _finish_mismatch(gathered)
-                if len(ops) > 1:
-                    desc = ", ".join(f"rank {r}: {m[0]} #{m[1]}" for r, m in enumerate(gathered))
-                    (a_op, a_seq), (b_op, b_seq) = sorted(ops)[:2]
-                    raise _mismatch(a_op, a_seq, b_op, b_seq, desc)
+                err = barrier.gathered_mismatch([(m[0], m[1]) for m in gathered],
+                                                [m[2] if m[0] == "finish" else None for m in gathered])
+                if err is not None:
+                    raise err
                 reply[0] = ("ok", decide(gathered))
             except Exception as e:  # noqa: BLE001 - sent to every rank, raised there
                 reply[0] = ("error", e)
@@ -73,13 +72,9 @@ class TorchDistCoordinator:
         t0 = time.perf_counter()
 
         def commit(gathered):
-            dirs = {m[3] for m in gathered if m[3] is not None}
-            if len(dirs) > 1:
-                raise ReportError(f"report {index}: ranks used different checkpoint_dir_name values {sorted(dirs)}")
-            d = dirs.pop() if dirs else None
-            self.ledger.commit(self.attempt, index, gathered[0][2] or {}, d,
-                               {r: m[4] for r, m in enumerate(gathered) if m[3] is not None},
-                               world_size=self.world_size, barrier_s=time.perf_counter() - t0)
+            metrics, d, files = barrier.report_payload(index, {r: m[2:5] for r, m in enumerate(gathered)})
+            self.ledger.commit(self.attempt, index, metrics, d, files, world_size=self.world_size,
+                               barrier_s=time.perf_counter() - t0)
             return d
 
         return ReportReply(self._round(("report", index, metrics, checkpoint_dir, files), commit))
@@ -97,17 +92,6 @@ class TorchDistCoordinator:
             return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
 
         return self._round(("reported_checkpoints", 0, None, None, None), listing)
-
-
-def _finish_mismatch(gathered: list) -> ReportError:
-    def state(m):
-        if m[0] == "finish":
-            return f"returned after {m[2]} report(s)"
-        return f"is waiting at report {m[1]}" if m[0] == "report" else f"is waiting at {m[0]} #{m[1]}"
-
-    ranks = ", ".join(f"rank {r} {state(m)}" for r, m in enumerate(gathered))
-    return ReportError(f"report() mismatch: {ranks}; every rank must call report() (and barrier(), "
-                       "broadcast_from_rank_zero()) the same number of times")
 
 
 class LocalBackend:
@@ -166,37 +150,38 @@ def _run_torchrun(spec: api.TrainSpec, env: dict):
     coord = TorchDistCoordinator(ledger, attempt, rank, world_size, group)
     session = api.Session(info, store, coord, experiment_name=name, start_checkpoint=start_ckpt,
                           start_index=latest_index, datasets=spec.datasets, hooks=api.worker_hooks(spec))
-    _set_session(session)
     try:
-        try:
-            value = api.call_train_fn(spec)
-            # A rank that returns while others still report is a mismatch, found here at once.
-            coord.finish(session.index)
-        except Exception as e:  # noqa: BLE001
-            # fit() raises what Result.from_path will show: one TrainingFailedError in every mode.
-            if isinstance(e, TrainingFailedError):
-                err = e
-            else:
-                failure = api.failure_from(e, rank)
-                if isinstance(e, ReportError):
-                    failure.kind = "mismatch"
-                err = WorkerGroupError(f"rank {rank} raised {type(e).__name__}", [failure])
+        with api.install_session(session):
+            try:
+                value = api.call_train_fn(spec)
+                # A rank that returns while others still report is a mismatch, found here at once.
+                coord.finish(session.index)
+            except Exception as e:  # noqa: BLE001
+                # fit() raises what Result.from_path will show: one TrainingFailedError in every mode.
+                if isinstance(e, TrainingFailedError):
+                    failures, error, kind = e.failures, e, "failure"
+                else:
+                    failure = api.failure_from(e, rank)
+                    if isinstance(e, ReportError):
+                        failure.kind = "mismatch"
+                    # restarts under torchrun are torchrun's own (--max-restarts): this attempt fails
+                    action, _ = decide.decide(decide.Outcome(failures=(failure,)), decide.Budget(), FailureConfig())
+                    failures, error, kind = [failure], action.error, action.kind
+                if ledger is not None:
+                    ledger.record_failure(attempt, failures, will_retry=False, kind=kind)
+                    ledger.finish("failed", error)
+                if error is e:
+                    raise
+                raise error from e
             if ledger is not None:
-                ledger.record_failure(attempt, err.failures, will_retry=False)
-                ledger.finish("failed", err)
-            if err is e:
-                raise
-            raise err from e
-        if ledger is not None:
-            ledger.finish("finished")
-            result = ledger.result(return_value=value)
-        coord.collective(rank, "finished", 1, None)
+                ledger.finish("finished")
+                result = ledger.result(return_value=value)
+            coord.collective(rank, "finished", 1, None)
         if ledger is None:
             result = load_result(store.uri)
             result.return_value = value
         return result
     finally:
-        _set_session(None)
         # Drop every reference to the gloo side group before destroying the process group:
         # one kept alive until interpreter exit aborts the process (SIGABRT) after a good run.
         coord.group = None

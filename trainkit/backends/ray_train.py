@@ -259,12 +259,12 @@ def _count_attempt(store, rank: int) -> int:
 def _ray_train_loop(cfg: dict):
     """The function Ray Train runs on every worker: install the forwarder, run the user's function."""
     from trainkit._serialize import loads_train_fn
-    from trainkit.session import _set_session
+    from trainkit.session import set_session
 
     fn = loads_train_fn(cfg["fn"])
-    _set_session(_Forwarder(cfg))
+    set_session(_Forwarder(cfg))
     try:
         config = cfg["config"] if cfg["config"] is not None else {}
         return fn(config) if cfg["takes_config"] else fn()
     finally:
-        _set_session(None)
+        set_session(None)

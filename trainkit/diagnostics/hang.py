@@ -1,19 +1,20 @@
 """The controller's hang monitor: one asyncio task per attempt, in the controller actor.
 
-Every tick it shows the ``Watchdog`` (trainkit.diagnostics.watchdog) the open barrier
-round and the last progress; on a hang it dumps every rank of the group in parallel
-(missing and waiting ones; trainkit.diagnostics.stacks), classifies the stacks
+It shows the ``Watchdog`` (trainkit.diagnostics.watchdog) the attempt's open barrier round
+and its progress whenever the barrier changes, and sleeps until the watchdog's next
+deadline otherwise. On a hang it dumps every rank of the group in parallel (missing and
+waiting ones; trainkit.diagnostics.stacks), classifies the stacks
 (trainkit.diagnostics.classify), writes ``diagnostics/hang-<index>-<time>/rank-<r>.txt``
 and ``summary.json`` through the run's ``RunStore``, emits ``hang_detected``, logs the
-one-line summary, and then acts on ``HangConfig.action``:
+one-line summary, and then, by ``HangConfig.action``:
 
-* ``warn``: keep waiting; the watchdog repeats the report with back-off.
-* ``fail``: end the attempt; the run fails with ``HangDetectedError`` (``run.hang_error``).
-* ``restart``: end the attempt with ``kind="hang"`` failures; the controller restarts the
-  group from the latest checkpoint, counting a failure against ``max_failures``.
+* ``warn``: keeps watching; the watchdog repeats the report with back-off.
+* ``fail`` / ``restart``: returns a ``HangEnd``, the decision to end the attempt with
+  ``kind="hang"`` failures (and for ``fail`` the ``HangDetectedError`` the run ends with).
+  The controller acts on it; the monitor changes no controller state.
 
-It reads the controller's ``_Run`` (``round``, ``ledger``, ``attempt``, ``ended``) and
-never blocks the event loop: dumps run in threads or pinned Ray tasks.
+It reads the run's ``store`` and ``ledger`` and the attempt's ``number``, ``group`` and
+``barrier``, and never blocks the event loop: dumps run in threads or pinned Ray tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from trainkit import events as ev
@@ -35,12 +37,23 @@ from trainkit.storage import DIAGNOSTICS
 logger = logging.getLogger("trainkit.hang")
 
 
-def start(run, group) -> Optional[asyncio.Future]:
-    """Start the monitor for the current attempt of ``run`` (None when hang detection is off)."""
+@dataclass(frozen=True)
+class HangEnd:
+    """The monitor's decision: end the attempt with ``failures``; the run fails with ``error`` when
+    it is set (``HangConfig(action="fail")``), else the group restarts (``"restart"``)."""
+
+    failures: tuple
+    error: Optional[HangDetectedError]
+    why: str
+
+
+def start(run, attempt) -> Optional[asyncio.Future]:
+    """Start the monitor for ``attempt`` of ``run``: a task whose result is a ``HangEnd`` or None
+    (None when hang detection is off)."""
     hc = run.spec.run_config.hang_config
     if hc is None or not hc.timeout_s:
         return None
-    return asyncio.ensure_future(_monitor(run, group, hc))
+    return asyncio.ensure_future(_monitor(run, attempt, hc))
 
 
 def stop(task: Optional[asyncio.Future]) -> None:
@@ -48,45 +61,51 @@ def stop(task: Optional[asyncio.Future]) -> None:
         task.cancel()
 
 
-async def _monitor(run, group, hc) -> None:
-    attempt = run.attempt
+async def _monitor(run, attempt, hc) -> Optional[HangEnd]:
     dog = Watchdog(hc.timeout_s, repeat=hc.action == "warn")
+    barrier = attempt.barrier
     log = run.ledger.events.events
     cursor = len(log)
-    committed = run.ledger.latest_index
+    committed = run.ledger.latest_index  # the report the attempt resumed from, then each one it commits
     last_progress = time.monotonic()
-    last_round = None
-    tick_s = min(0.05, hc.timeout_s / 20)
+    rounds = barrier.rounds
     try:
-        while run.attempt == attempt and run.group is group:
-            await asyncio.sleep(tick_s)
+        while run.attempt is attempt:
+            barrier.changed.clear()
             now = time.monotonic()
+            if barrier.rounds != rounds:  # a round completed (a report committed, a collective passed)
+                rounds, last_progress = barrier.rounds, now
             for e in log[cursor:]:
-                if isinstance(e, ev.ReportCommitted) and e.attempt == attempt:
-                    committed, last_progress = e.index, now
+                if isinstance(e, ev.ReportCommitted) and e.attempt == attempt.number:
+                    committed = e.index
             cursor = len(log)
-            rnd = run.round
-            if last_round is not None and rnd is not last_round:
-                last_progress = now  # the round completed
-            last_round = rnd
-            obs = Observation(now=now, world_size=run.world_size, committed_index=committed,
+            rnd = barrier.round
+            obs = Observation(now=now, world_size=attempt.world_size, committed_index=committed,
                               last_progress=last_progress, round_key=rnd.key if rnd else None,
                               round_started=rnd.started if rnd else 0.0,
                               arrived=frozenset(rnd.arrivals) if rnd else frozenset())
             hang = dog.check(obs)
-            if hang is None:
+            if hang is not None:
+                end = await handle(run, attempt, hc, hang)
+                if end is not None:
+                    return end
                 continue
-            await handle(run, group, hc, hang)
-            if hc.action != "warn":
-                return
+            deadline = dog.next_deadline()
+            try:
+                await asyncio.wait_for(barrier.changed.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
     except asyncio.CancelledError:
         raise
     except Exception:  # noqa: BLE001 - diagnostics must never take the run down
         logger.exception("trainkit: the hang monitor failed")
+    return None
 
 
-async def handle(run, group, hc, hang: Hang) -> dict:
-    """Dump, classify, write the evidence, emit the event and act. Returns the summary dict."""
+async def handle(run, attempt, hc, hang: Hang) -> Optional[HangEnd]:
+    """Dump, classify, write the evidence and emit the event; the decision to end the attempt
+    (``fail`` / ``restart``) or None (``warn``)."""
+    group = attempt.group
     t0 = time.monotonic()
     targets = []
     for r, b in enumerate(group.ranks):
@@ -108,7 +127,7 @@ async def handle(run, group, hc, hang: Hang) -> dict:
     summary = summary_line(hang, by_rank)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime()) + f"-{int(time.time() * 1000) % 1000:03d}"
     folder = f"hang-{hang.index}-{stamp}"
-    doc = {"version": 1, "kind": hang.kind, "attempt": run.attempt, "index": hang.index, "at": hang.at,
+    doc = {"version": 1, "kind": hang.kind, "attempt": attempt.number, "index": hang.index, "at": hang.at,
            "detected_at": time.time(), "waited_s": hang.waited_s, "timeout_s": hc.timeout_s, "action": hc.action,
            "repeat": hang.repeat, "missing_ranks": list(hang.missing_ranks), "waiting_ranks": list(hang.waiting_ranks),
            "summary": summary, "dump_s": dump_s, "ranks": [row for row, _ in rows]}
@@ -121,9 +140,8 @@ async def handle(run, group, hc, hang: Hang) -> dict:
             await asyncio.to_thread(_write, run.store, folder, files)
     except Exception as e:  # noqa: BLE001 - still emit the event and act
         logger.warning("trainkit: could not write %s/%s: %s", DIAGNOSTICS, folder, e)
-    doc["written_s"] = round(time.monotonic() - t0, 4)
     run.ledger.emit(ev.HangDetected(
-        attempt=run.attempt, index=hang.index, missing_ranks=tuple(hang.missing_ranks), waited_s=hang.waited_s,
+        attempt=attempt.number, index=hang.index, missing_ranks=tuple(hang.missing_ranks), waited_s=hang.waited_s,
         summary=summary, diagnostics=f"{DIAGNOSTICS}/{folder}",
         ranks=tuple({"world_rank": row["world_rank"], "state": row["state"],
                      "classification": row["classification"], "user_frame": row["user_frame"]}
@@ -132,9 +150,11 @@ async def handle(run, group, hc, hang: Hang) -> dict:
     logger.warning("trainkit: %s%s [%s/%s]", summary, again, DIAGNOSTICS, folder)
     print(f"trainkit: {summary}{again} [evidence: {run.store.uri}/{DIAGNOSTICS}/{folder}]", file=sys.stderr,
           flush=True)
-    if hc.action in ("fail", "restart"):
-        _end_attempt(run, hc, hang, summary, [r for r, _ in rows], {r["world_rank"]: t for r, t in rows})
-    return doc
+    if hc.action not in ("fail", "restart"):
+        return None
+    failures = _hang_failures(hang, [r for r, _ in rows], {r["world_rank"]: t for r, t in rows})
+    return HangEnd(tuple(failures), HangDetectedError(summary, failures) if hc.action == "fail" else None,
+                   f"hang detected: {summary}")
 
 
 def _rank_file(row: dict, text: str) -> str:
@@ -163,7 +183,8 @@ def thread_traceback(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _end_attempt(run, hc, hang: Hang, summary: str, rows: list, texts: dict) -> None:
+def _hang_failures(hang: Hang, rows: list, texts: dict) -> list[WorkerFailure]:
+    """One ``kind="hang"`` failure per missing rank, the likeliest cause first."""
     failures = []
     for row in rows:
         if row["state"] != "missing":
@@ -175,12 +196,6 @@ def _end_attempt(run, hc, hang: Hang, summary: str, rows: list, texts: dict) -> 
             message=f"not arrived at {hang.at} after {hang.waited_s:.1f} s; {row['classification']}{where}",
             traceback=thread_traceback(texts.get(row["world_rank"], ""))))
     order = {"user_code": 0, "data_loading": 1, "report": 2, "unknown": 3, "collective": 4, "dead": 5}
-    failures.sort(key=lambda f: order.get(next((r["classification"] for r in rows
-                                                if r["world_rank"] == f.world_rank), ""), 9))
-    if hc.action == "fail":
-        run.hang_error = HangDetectedError(summary, failures)
-    rnd, run.round = run.round, None
-    if rnd is not None and rnd.fut is not None and not rnd.fut.done():
-        rnd.fut.set_result(("stop", f"hang detected: {summary}"))
-    if run.ended is not None and not run.ended.done():
-        run.ended.set_result(failures)
+    cls = {r["world_rank"]: r["classification"] for r in rows}
+    failures.sort(key=lambda f: order.get(cls.get(f.world_rank, ""), 9))
+    return failures

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 
 from trainkit.config import TorchConfig
 from trainkit.errors import ConfigError
-from trainkit.session import _require, rank_device
+from trainkit.session import current_session, rank_device
 from trainkit.trainer import DataParallelTrainer
 
 class TorchTrainer(DataParallelTrainer):
@@ -44,12 +44,12 @@ class TorchTrainer(DataParallelTrainer):
 
 
 def _world_size() -> int:
-    return _require("prepare_model").info.world_size
+    return current_session("prepare_model").info.world_size
 
 
 def get_device() -> torch.device:
     """This rank's device: its GPU (``cuda:<local index>``) when it has one, else CPU."""
-    return rank_device(_require("get_device").info)
+    return rank_device(current_session("get_device").info)
 
 
 def get_devices() -> list:
@@ -131,7 +131,7 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True, 
         kwargs.pop("persistent_workers", None)
         kwargs.pop("multiprocessing_context", None)
     if needs_sampler and not custom_batch_sampler:
-        ctx = _require("prepare_data_loader").info
+        ctx = current_session("prepare_data_loader").info
         shuffle = isinstance(sampler, RandomSampler)
         kwargs["sampler"] = DistributedSampler(data_loader.dataset, num_replicas=world_size,
                                                rank=ctx.world_rank, shuffle=shuffle)

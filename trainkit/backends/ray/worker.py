@@ -16,14 +16,14 @@ import sys
 import tempfile
 import threading
 
-import traceback
 from typing import Any, Optional
 
 import ray
 
+from trainkit.backends import api
 from trainkit.diagnostics import debug as _debug
-from trainkit.errors import ReportError, TrainkitError
-from trainkit.session import RankInfo, ReportReply, _Session, _set_session
+from trainkit.errors import ReportError
+from trainkit.session import RankInfo, ReportReply, Session, set_session
 
 
 class _Interrupted(BaseException):
@@ -108,7 +108,7 @@ class RankWorker:
     def __init__(self):
         self._preempted = threading.Event()
         self._thread_ident: Optional[int] = None
-        self._session: Optional[_Session] = None
+        self._session: Optional[Session] = None
         self._run_ref: Optional[tuple] = None  # (controller, run_id, attempt, world_rank) while running
         try:  # SIGTERM is a preemption notice: the function sees is_preempted() and can checkpoint
             import signal
@@ -182,7 +182,7 @@ class RankWorker:
             from trainkit.checkpoint import Checkpoint
 
             ckpt = Checkpoint(store.path(start["dir"]), store.fs)
-        session = _Session(rank_info, store, RayCoordinator(controller, run_id, rank_info.attempt),
+        session = Session(rank_info, store, RayCoordinator(controller, run_id, rank_info.attempt),
                            experiment_name=store.name, start_checkpoint=ckpt, start_index=start.get("index", 0),
                            datasets=datasets, hooks=hooks, preempted=self._preempted)
         log = None
@@ -205,7 +205,7 @@ class RankWorker:
         self._thread_ident = threading.get_ident()
         self._session = session
         self._run_ref = (controller, run_id, rank_info.attempt, rank_info.world_rank)
-        _set_session(session)
+        set_session(session)
         emit = lambda event: ray.get(controller.record_event.remote(run_id, rank_info.attempt, event))  # noqa: E731
         try:
             _debug.before_run(session.context, hooks, emit)  # TRAINKIT_DEBUG_RANK: wait for a debugger
@@ -216,12 +216,12 @@ class RankWorker:
             return {"ok": False, "interrupted": str(e), "index": session.index}
         except BaseException as e:  # noqa: BLE001 - reported to the controller as this rank's failure
             _debug.after_error(session.context, hooks, e, emit)  # RankDebugger(post_mortem_s=...)
-            return {"ok": False, "index": session.index, "failure": {
-                "exc_type": type(e).__name__, "message": str(e),
-                "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)),
-                "trainkit": isinstance(e, TrainkitError), "mismatch": isinstance(e, ReportError)}}
+            failure = api.failure_from(e, rank_info.world_rank)
+            if isinstance(e, ReportError):
+                failure.kind = "mismatch"
+            return {"ok": False, "index": session.index, "failure": failure}
         finally:
-            _set_session(None)
+            set_session(None)
             self._session = None
             self._run_ref = None
             self._thread_ident = None

@@ -1,0 +1,153 @@
+"""The attempt loop's decisions: pure functions of what was observed, returning what to do.
+
+``decide(outcome, budget, failure_config)`` is called once an attempt has ended: every rank
+finished, or some failed, were preempted, hung, disagreed about ``report()``, or the run was
+aborted or resized. It returns the action the executor performs (``Finish``, ``Abort``,
+``Resize``, ``Restart`` or ``Fail``) and the new failure budget. ``decide_at_commit`` is
+called at each committed report: stop the attempt after it for a preemption notice, or to
+grow an elastic group, or look for capacity.
+
+One set of rules for every mode: the Ray controller (``trainkit.backends.ray.controller``)
+and the in-process loop (``trainkit.backends.api.run_attempts``: local mode and the
+conformance suite's backends) execute the same decisions. No I/O, no Ray, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from trainkit.errors import HangDetectedError, TrainingFailedError, WorkerFailure, WorkerGroupError
+from trainkit.policies import FailureDecision, decide_failure, decide_resize
+
+COLLATERAL = ("Connection closed by peer", "Connection reset")  # a peer's broken collective, not a cause
+
+
+def root_cause_first(failures) -> list[WorkerFailure]:
+    """User exceptions and deaths before the collateral damage (peers' broken collectives)."""
+    return sorted(failures, key=lambda f: 1 if any(c in f.message for c in COLLATERAL) else 0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended (the observation). No failures: every rank finished."""
+
+    failures: tuple = ()  # WorkerFailure, root cause first
+    value: Any = None  # rank 0's return value, when every rank finished
+    aborted: bool = False  # Ctrl-C or a dead driver
+    hang_error: Optional[HangDetectedError] = None  # HangConfig(action="fail") ended it
+    returned: frozenset = frozenset()  # world ranks whose process returned (reusable)
+    preempted: frozenset = frozenset()  # world ranks with a preemption notice
+    elastic: bool = False
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Failures and preemptions counted so far in the run (across fits of it)."""
+
+    failures: int = 0
+    preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class Finish:
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class Abort:
+    error: WorkerGroupError
+
+
+@dataclass(frozen=True)
+class Resize:
+    """The attempt ended at a committed report to change the group's size: start again, uncounted."""
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Record the failure and run the next attempt from the latest committed checkpoint."""
+
+    kind: str  # "failure" | "preemption" | "hang": how the failure is recorded
+    keep: frozenset = field(default_factory=frozenset)  # world ranks whose processes the next group reuses
+    wait_for_preempted: bool = False  # let noticed nodes leave before placing the next group
+
+
+@dataclass(frozen=True)
+class Fail:
+    kind: str
+    error: TrainingFailedError
+
+
+Action = Union[Finish, Abort, Resize, Restart, Fail]
+
+
+def decide(outcome: Outcome, budget: Budget, failure_config) -> tuple[Action, Budget]:
+    """What to do once an attempt ended, and the failure budget afterwards."""
+    failures = list(outcome.failures)
+    if not failures:
+        return Finish(outcome.value), budget
+    if outcome.aborted:
+        return Abort(WorkerGroupError("the run was aborted (Ctrl-C or a dead driver)", failures)), budget
+    if failures[0].kind == "resize":
+        return Resize(), budget
+    preemption = any(f.kind == "preempted" for f in failures)
+    if preemption:
+        budget = Budget(budget.failures, budget.preemptions + 1)
+    else:
+        budget = Budget(budget.failures + 1, budget.preemptions)
+    hang = failures[0].kind == "hang"
+    kind = "preemption" if preemption else "hang" if hang else "failure"
+    mismatch = any(f.kind == "mismatch" for f in failures)
+    retryable = not mismatch and outcome.hang_error is None
+    verdict = decide_failure(budget.failures, failure_config.max_failures, retryable=retryable,
+                             preemption=preemption, preemptions_so_far=budget.preemptions,
+                             max_preemptions=failure_config.max_preemptions)
+    if verdict is FailureDecision.RAISE:
+        why = ("ranks disagree about report()/collective calls" if mismatch else
+               f"{budget.failures} failure(s), max_failures={failure_config.max_failures}")
+        if preemption and not mismatch:
+            why = f"{budget.preemptions} preemption(s), max_preemptions={failure_config.max_preemptions}"
+        error = outcome.hang_error or (HangDetectedError if hang else WorkerGroupError)(
+            f"{why}; root cause: {failures[0].headline()}", failures)
+        return Fail(kind, error), budget
+    keep = frozenset()
+    if not outcome.elastic and not preemption:  # a noticed rank is going away; an elastic group is re-sized
+        keep = frozenset(r for r in outcome.returned if r not in outcome.preempted)
+    return Restart(kind, keep=keep, wait_for_preempted=preemption), budget
+
+
+@dataclass(frozen=True)
+class StopAfterCommit:
+    """End the attempt once this report is committed on every rank."""
+
+    failure: WorkerFailure  # kind "preempted" or "resize": how the attempt's end is recorded
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Look for capacity to grow (in the background)."""
+
+
+def decide_at_commit(*, index: int, checkpointed: bool, world_size: int, preempted: dict, grow_ready: int,
+                     elastic: bool, min_workers: int, max_workers: int) -> Union[StopAfterCommit, Probe, None]:
+    """At a committed report: stop for a preemption notice (``preempted``: world rank -> node id),
+    grow an elastic group where capacity was found and no progress is lost (a checkpointed
+    report), or probe for capacity."""
+    if preempted:
+        ranks = sorted(preempted)
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+        return StopAfterCommit(WorkerFailure(world_rank=ranks[0], node_id=preempted[ranks[0]], kind="preempted",
+                                             exc_type="Preempted", message=f"{who} preempted; stopped after "
+                                                                           f"report {index}"))
+    if not elastic or world_size >= max_workers:
+        return None
+    if grow_ready:
+        if not checkpointed:
+            return None
+        target = decide_resize(world_size, grow_ready, min_workers, max_workers)
+        if target:
+            return StopAfterCommit(WorkerFailure(world_rank=-1, kind="resize", message=(
+                f"capacity for {target} workers: growing from {world_size} after report {index}")))
+        return None
+    return Probe()

@@ -1,0 +1,110 @@
+"""Attempt supervision: run every rank of a group and watch until the attempt ends.
+
+``supervise`` starts each rank's ``run()`` on its worker, then waits on three things at
+once: the ranks' records (a finish, an exception, a death), the attempt's ``ended`` future
+(a mismatch, a failed commit, a stop after a commit, an abort) and the hang monitor's
+decision. After the first failure it collects the others for ``FAILURE_WINDOW_S`` so that
+the root cause comes first, closes the barrier, keeps the ranks that return at once (their
+processes are reused by a repaired group) and returns the ``Outcome`` that ``decide`` reads.
+
+Runs in the controller actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from trainkit.backends import barrier as br
+from trainkit.backends.decide import Outcome, root_cause_first
+from trainkit.backends.ray.state import Attempt, Run
+from trainkit.backends.ray.worker_group import resolve
+from trainkit.diagnostics import hang as hang_monitor
+from trainkit.errors import ReportError, WorkerFailure
+
+FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
+UNBLOCK_WAIT_S = 0.5  # after an attempt ends, how long ranks released from a barrier may take to return
+
+
+async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outcome:
+    """Run every rank until all finished or the attempt ended; how it ended."""
+    spec, group = run.spec, attempt.group
+    start = {"dir": run.ledger.state["latest_checkpoint"], "index": run.ledger.latest_index}
+    tasks: dict[asyncio.Future, int] = {}
+    for r, b in enumerate(group.ranks):
+        gi = group.infos[b]
+        info = {"world_rank": r, "world_size": attempt.world_size, "attempt": attempt.number,
+                **{k: gi[k] for k in ("local_rank", "local_world_size", "node_rank", "node_id")}}
+        log_path = f"logs/attempt-{attempt.number}/rank-{r}.log"  # relative to the run folder
+        ref = group.workers[b].run.remote(run.fn_bytes, spec.takes_config, spec.train_loop_config, info,
+                                          run.store, controller, run.run_id, start, spec.datasets, hooks, log_path)
+        tasks[asyncio.ensure_future(resolve(ref))] = r
+    monitor = hang_monitor.start(run, attempt)  # None unless HangConfig.timeout_s is set
+    failures: list[WorkerFailure] = []
+    pending = set(tasks)
+    first_failure_at = None
+    while pending:
+        timeout = None if first_failure_at is None else max(0.0, first_failure_at + FAILURE_WINDOW_S
+                                                             - time.monotonic())
+        watched = pending | {attempt.ended} | ({monitor} if monitor is not None else set())
+        done, _ = await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            break  # failure window over
+        if monitor in done:
+            end, monitor = monitor.result(), None
+            if end is not None:  # the hang monitor's decision: end the attempt
+                attempt.hang_error = end.error
+                attempt.barrier.close(("stop", end.why))
+                attempt.end(list(end.failures))
+        if attempt.ended in done:
+            failures += [f for f in attempt.ended.result() if all(f.world_rank != g.world_rank for g in failures)]
+            first_failure_at = first_failure_at or time.monotonic()
+            attempt.ended = asyncio.get_running_loop().create_future()  # later failures go to the same list
+        for t in done & tasks.keys():
+            pending.discard(t)
+            _rank_returned(run, attempt, tasks[t], t.result(), failures)
+            if failures and first_failure_at is None:
+                first_failure_at = time.monotonic()
+    hang_monitor.stop(monitor)
+    seen = dict(returned=frozenset(attempt.returned), preempted=frozenset(attempt.preempted),
+                elastic=spec.scaling_config.elastic, aborted=run.aborted, hang_error=attempt.hang_error)
+    if not failures and len(attempt.finished) == attempt.world_size:
+        return Outcome(value=attempt.finished.get(0, {}).get("value"), **seen)
+    attempt.barrier.close(("stop", "the attempt ended"))
+    if pending and not spec.scaling_config.elastic:
+        # ranks waiting in a trainkit barrier return at once when it is closed: their processes
+        # are healthy and kept for the repaired group (ranks stuck in a gloo collective or in
+        # user code are not, and are replaced)
+        done, pending = await asyncio.wait(pending, timeout=UNBLOCK_WAIT_S)
+        attempt.returned.update(tasks[t] for t in done if "died" not in t.result())
+        seen["returned"] = frozenset(attempt.returned)
+    for t in pending:
+        t.cancel()
+    failures = failures or [WorkerFailure(world_rank=-1, kind="interrupted", message="attempt interrupted")]
+    return Outcome(failures=tuple(root_cause_first(failures)), **seen)
+
+def _rank_returned(run: Run, attempt: Attempt, r: int, rec: dict, failures: list) -> None:
+    """Rank ``r``'s ``run()`` call ended with ``rec``: a finish, an exception or a death."""
+    if "died" in rec:
+        run.capacity.worker_died(attempt.group.info(r)["node_id"])
+        failures.append(attempt.failure(r, kind="preempted" if r in attempt.preempted else "died",
+                                        exc_type="WorkerDied", message=rec["died"]))
+    else:
+        attempt.returned.add(r)
+    if rec.get("ok"):
+        attempt.finished[r] = rec
+        rnd = attempt.barrier.round
+        if rnd is not None and rnd.arrivals:  # the ranks waiting in it can never be released
+            end_with_mismatch(attempt, r, br.returned_while_waiting(r, rec.get("index", 0), list(rnd.arrivals),
+                                                                 rnd.key))
+    elif "failure" in rec and all(g.world_rank != r for g in failures):
+        f = rec["failure"]  # api.failure_from on the rank, kind "exception" or "mismatch"
+        failures.append(attempt.failure(r, kind=f.kind, exc_type=f.exc_type, message=f.message,
+                                        traceback=f.traceback))
+    # "interrupted": the controller ended the attempt; the reason is in failures already
+
+
+def end_with_mismatch(attempt: Attempt, rank: int, err: ReportError) -> None:
+    """``rank`` broke the barrier's rules: its waiting peers get ``err``, and the attempt ends."""
+    attempt.barrier.close(("error", err))
+    attempt.end([attempt.failure(rank, kind="mismatch", exc_type="ReportError", message=str(err))])
