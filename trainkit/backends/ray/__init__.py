@@ -33,15 +33,21 @@ def _driver_key() -> tuple[str, str]:
     return ctx.get_node_id(), ctx.get_job_id()
 
 
+_init_lock = threading.Lock()
+
+
 def ensure_ray() -> None:
+    """Join ``RAY_ADDRESS`` or start a local Ray, once per process: fits from several threads
+    share one ``ray.init``."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+    with _init_lock:
+        if ray.is_initialized():
+            return
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def get_controller():
@@ -83,23 +89,34 @@ def release_warm_workers() -> None:
 
 
 class _Progress:
-    """One live line on a terminal: report index, latest metrics, world size, attempt."""
+    """One live line on a terminal: report index, latest metrics, world size, attempt; and what a
+    fit waits for (other fits' resources), said once on a stream that is not a terminal."""
 
     def __init__(self):
         mode = _env.PROGRESS.get()
         self.on = mode == "1" or (mode == "auto" and sys.stderr.isatty())
+        self.quiet = mode == "0"
         self._last = ""
 
     def show(self, p: Optional[dict]) -> None:
-        if not self.on or not p:
+        if not p:
             return
-        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list((p.get("metrics") or {}).items())[:4])
-        line = (f"trainkit: report {p['index']} | world size {p['world_size']} | attempt {p['attempt']}"
-                f"{' | ' + metrics if metrics else ''}")
-        if line != self._last:
+        if p.get("status") == "waiting":
+            line = f"trainkit: waiting for {p.get('waiting') or 'resources'}"
+        elif self.on:
+            metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list((p.get("metrics") or {}).items())[:4])
+            line = (f"trainkit: report {p['index']} | world size {p['world_size']} | attempt {p['attempt']}"
+                    f"{' | ' + metrics if metrics else ''}")
+        else:
+            return
+        if line == self._last:
+            return
+        self._last = line
+        if self.on:
             sys.stderr.write("\r\033[K" + line[:160])
-            sys.stderr.flush()
-            self._last = line
+        elif not self.quiet:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
         if self.on and self._last:
@@ -151,11 +168,10 @@ class RayBackend:
         progress = _Progress()
         try:
             while True:
-                ready, _ = ray.wait([ref], timeout=0.5 if progress.on else 5.0)
+                ready, _ = ray.wait([ref], timeout=0.5 if progress.on else 2.0)
                 if ready:
                     break
-                if progress.on:
-                    progress.show(ray.get(controller.progress.remote(run_id)))
+                progress.show(ray.get(controller.progress.remote(run_id)))
         except KeyboardInterrupt:
             try:
                 ray.get(controller.abort.remote(run_id), timeout=10)

@@ -123,7 +123,8 @@ class Controller:
         while True:
             carried, run.carry = run.carry, None
             try:
-                return await self.pool.start(run, size, carried, quick=sc.elastic and size > sc.min_workers)
+                return await self.pool.start(run, size, carried, quick=sc.elastic and size > sc.min_workers,
+                                             others_busy=lambda: self._others_busy(run))
             except NotPlaced:  # elastic: a lost node may still look alive; a failed grow falls back
                 if last_size and last_size < size:
                     run.capacity.grow_failed()
@@ -136,6 +137,10 @@ class Controller:
                     raise
                 await asyncio.sleep(1.0)  # let Ray notice a lost node
                 size = await run.capacity.choose_size(self.pool.idle_held(), run.spec.worker_start_timeout_s)
+
+    def _others_busy(self, run: Run) -> bool:
+        """Whether another fit of this driver holds (or is taking) resources: it releases them when it ends."""
+        return any(r is not run and not r.waiting for r in self.runs.values())
 
     def _begin(self, run: Run, group: Group) -> Attempt:
         size = len(group.ranks)

@@ -88,10 +88,17 @@ def group_key(size: int, scaling_config, env) -> tuple:
 
 
 class WorkerPool:
-    """The controller's worker groups: warm idle ones, and how to start, repair and release them."""
+    """The controller's worker groups: warm idle ones, and how to start, repair and release them.
+
+    Several fits of one driver share the pool. A fit whose group cannot be placed because
+    other fits of this driver hold the resources waits for them (``waiters``): a group
+    released meanwhile is handed to a waiter of the same shape, or killed so that its
+    resources go to the waiter, instead of being kept warm.
+    """
 
     def __init__(self):
         self.idle: list[Group] = []
+        self.waiters: list[tuple[tuple, asyncio.Future]] = []  # (group key, future of a handed-over group)
 
     def idle_held(self) -> dict:
         """Resources the warm idle groups hold, by node (a new run may take them)."""
@@ -105,16 +112,22 @@ class WorkerPool:
 
     def release(self, group: Group, healthy: bool) -> None:
         if healthy:
+            for key, fut in self.waiters:
+                if key == group.key and not fut.done():
+                    fut.set_result(group)  # a waiting fit of the same shape takes it, warm
+                    return
+        if healthy and not self.waiters:
             self.idle.append(group)
         else:
-            group.kill()
+            group.kill()  # its resources go to a waiting fit
 
     def shutdown(self) -> None:
         for g in self.idle:
             g.kill()
         self.idle.clear()
 
-    async def start(self, run, size: int, carried: Optional[Group], quick: bool = False) -> Group:
+    async def start(self, run, size: int, carried: Optional[Group], quick: bool = False,
+                    others_busy=lambda: False) -> Group:
         """A started group of ``size`` with torch.distributed initialised: ``carried`` (a repaired
         group) if it fits, else a warm one, else a new one."""
         import ray
@@ -144,7 +157,7 @@ class WorkerPool:
                     g.kill()
         if group is None:
             self.shutdown()  # free their resources for the new shape
-            group = await new_group(run, size, key, env, quick)
+            group = await self.place(run, size, key, env, quick, others_busy)
         try:
             await self.init_torch(run, group)
         except BaseException:
@@ -172,23 +185,62 @@ class WorkerPool:
             calls.append(group.workers[b].init_process_group.remote(addr, port, info, backend, timeout_s, cuda))
         await asyncio.wait_for(asyncio.gather(*calls), INIT_PROCESS_GROUP_S)
 
+    async def place(self, run, size: int, key: tuple, env, quick: bool, others_busy) -> Group:
+        """A new group of ``size``, or one another fit of this driver released meanwhile.
 
-async def new_group(run, size: int, key: tuple, env, quick: bool = False) -> Group:
-    from ray.util.placement_group import placement_group, remove_placement_group
+        While other fits of this driver hold resources (``others_busy()``), the wait has no
+        deadline and the run's progress says what it waits for; otherwise it is bounded by
+        ``TRAINKIT_WORKER_START_TIMEOUT_S`` (``QUICK_PLACE_S`` for an elastic try at a larger size).
+        """
+        from ray.util.placement_group import placement_group, remove_placement_group
 
-    sc = run.spec.scaling_config
-    res = sc.worker_resources
-    pg = placement_group([dict(res) for _ in range(size)], strategy=sc.placement_strategy)
+        sc = run.spec.scaling_config
+        res = sc.worker_resources
+        pg = placement_group([dict(res) for _ in range(size)], strategy=sc.placement_strategy)
+        timeout_s = QUICK_PLACE_S if quick else run.spec.worker_start_timeout_s
+        deadline = time.monotonic() + timeout_s
+        ready = asyncio.ensure_future(_awaited(pg.ready()))
+        handed = asyncio.get_running_loop().create_future()
+        waiter = (key, handed)
+        taken = None
+        self.waiters.append(waiter)
+        try:
+            while not ready.done():
+                run.waiting = True
+                if others_busy() and not quick:
+                    deadline = time.monotonic() + timeout_s  # they will finish: wait for them
+                    want = ", ".join(f"{v * size:g} {r}" for r, v in res.items() if v)
+                    run.progress.update(status="waiting", waiting=f"{want} held by another fit of this driver")
+                elif time.monotonic() > deadline:
+                    remove_placement_group(pg)
+                    if quick:
+                        raise NotPlaced()
+                    raise ControllerError(f"could not place {size} worker(s) of {res} with strategy "
+                                          f"{sc.placement_strategy} within {timeout_s:.0f} s "
+                                          "(TRAINKIT_WORKER_START_TIMEOUT_S); the cluster is busy or too small")
+                done, _ = await asyncio.wait({ready, handed}, timeout=min(0.5, timeout_s),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if handed in done:
+                    remove_placement_group(pg)
+                    taken = handed.result()
+                    return taken
+        finally:
+            run.waiting = False
+            self.waiters.remove(waiter)
+            ready.cancel()
+            if taken is None and handed.done():  # handed a group it no longer needs: pass it on
+                self.release(handed.result(), healthy=True)
+        ready.result()
+        return await _start_workers(run, pg, size, key, env)
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+async def _start_workers(run, pg, size: int, key: tuple, env) -> Group:
+    res = run.spec.scaling_config.worker_resources
     timeout_s = run.spec.worker_start_timeout_s
-    try:
-        await asyncio.wait_for(pg.ready(), QUICK_PLACE_S if quick else timeout_s)
-    except asyncio.TimeoutError:
-        remove_placement_group(pg)
-        if quick:
-            raise NotPlaced() from None
-        raise ControllerError(f"could not place {size} worker(s) of {res} with strategy "
-                              f"{sc.placement_strategy} within {timeout_s:.0f} s "
-                              "(TRAINKIT_WORKER_START_TIMEOUT_S); the cluster is busy or too small") from None
     workers = [make_worker(pg, i, res, env) for i in range(size)]
     try:
         infos = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in workers]), timeout_s)
