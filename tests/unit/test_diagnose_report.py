@@ -173,22 +173,53 @@ def test_live_dumps_fresh_stacks_of_the_running_ranks_with_py_spy(tmp_path, caps
     import subprocess
     import sys
 
+    run = _write_run(tmp_path, status="running", hang=False)
     script = tmp_path / "stuck.py"
-    script.write_text("import sys, time\n\ndef stuck_here():\n    while True:\n        time.sleep(0.02)\n\n"
-                      "print('ready', flush=True)\nstuck_here()\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    script.write_text("import sys, time\nfrom trainkit.diagnostics import claims\n\ndef stuck_here():\n"
+                      "    while True:\n        time.sleep(0.02)\n\n"
+                      "with claims.claim(sys.argv[1], 1, 1):\n    print('ready', flush=True)\n    stuck_here()\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        run = _write_run(tmp_path, status="running", hang=False)
         text = (run / "events.jsonl").read_text().replace('"pid": 11', f'"pid": {proc.pid}')
         (run / "events.jsonl").write_text(text)
         code = diagnose(argparse.Namespace(run=str(run), live=True, json="-"))
         data = json.loads(capsys.readouterr().out)
         live = {r["world_rank"]: r for r in data["live"]}
         assert live[1]["classification"] == "user_code"
-        assert live[1]["user_frame"] == "stuck_here (stuck.py:5)"
-        assert live[0]["error"].startswith("process 10 is gone") or live[0]["classification"] in ("dead", "unknown")
+        assert live[1]["user_frame"] == "stuck_here (stuck.py:6)"
+        assert live[0]["error"].startswith("refused: pid 10 ")
         assert code == 0
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.integration  # subprocesses and the py-spy binary: not in the unit tier
+def test_live_refuses_a_pid_that_is_not_a_rank_of_the_run_and_names_it(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = _write_run(tmp_path, status="running", hang=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    script = tmp_path / "bystander.py"
+    script.write_text("import sys, time\nfrom trainkit.diagnostics import claims\n\n"
+                      "with claims.claim(sys.argv[1], 0, 1):\n    print('ready', flush=True)\n    time.sleep(60)\n")
+    claimed_elsewhere = subprocess.Popen([sys.executable, str(script), str(other)], stdout=subprocess.PIPE,
+                                         text=True)
+    secret = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--token=SECRET-123"])
+    try:
+        assert claimed_elsewhere.stdout.readline().strip() == "ready"
+        text = (run / "events.jsonl").read_text()
+        text = text.replace('"pid": 10', f'"pid": {claimed_elsewhere.pid}').replace('"pid": 11', f'"pid": {secret.pid}')
+        (run / "events.jsonl").write_text(text)
+        assert diagnose(argparse.Namespace(run=str(run), live=True, json=None)) == 0
+        out = capsys.readouterr().out
+        assert f"refused: pid {claimed_elsewhere.pid} is a rank of another run" in out
+        assert f"refused: pid {secret.pid} is not a rank of this run" in out
+        assert "SECRET-123" not in out and "time.sleep" not in out  # nothing of those processes is shown
+    finally:
+        for p in (claimed_elsewhere, secret):
+            p.kill()
+            p.wait()

@@ -51,12 +51,16 @@ from trainkit.storage import RunStore
 
 @contextlib.contextmanager
 def install_session(session: Session) -> Iterator[Session]:
-    """Make ``session`` the one the per-rank API of this process talks to, for the block."""
-    set_session(session)
-    try:
-        yield session
-    finally:
-        set_session(None)
+    """Make ``session`` the one the per-rank API of this process talks to, for the block, and claim
+    this process for the session's run (``trainkit diagnose --live`` dumps only claimed ranks)."""
+    from trainkit.diagnostics import claims
+
+    with claims.claim(session.store.uri, session.info.world_rank, session.info.attempt):
+        set_session(session)
+        try:
+            yield session
+        finally:
+            set_session(None)
 
 
 def call_train_fn(spec: TrainSpec) -> Any:

@@ -168,7 +168,7 @@ def render_text(report: RunReport, *, stacks: bool = True) -> str:
         lines += ["", "live stacks:"]
         for s in report.live:
             frame = f" at {s.user_frame}" if s.user_frame else ""
-            lines.append(f"  rank {s.world_rank} (pid {s.pid}): {s.classification}{frame}"
+            lines.append(f"  rank {s.world_rank} (pid {s.pid}): {s.classification or 'not dumped'}{frame}"
                          + (f" [{s.error}]" if s.error else ""))
             if stacks and s.stack:
                 lines.append(_indent(_highlight_stack(s.stack, [s.user_frame])))

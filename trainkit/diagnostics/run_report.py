@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
 from trainkit import events as ev
+from trainkit.diagnostics import checks
 from trainkit.diagnostics.classify import DESCRIPTIONS
 from trainkit.errors import TrainkitError, WorkerFailure
 from trainkit.storage import DIAGNOSTICS, EVENTS, MANIFEST, RunStore
@@ -355,10 +356,17 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> RunReport:
     state = _read_json(store, MANIFEST, problems)
     events_text = _read_text(store, EVENTS, problems)
     if state is None and events_text is None:
+        if problems:  # the storage answered with an error (credentials, permissions), not "no such file"
+            err = DiagnoseError(f"cannot read the run {store.uri}: {problems[0]}")
+            err.hint = "check the storage's credentials and permissions (for s3://: AWS_* or ~/.aws)"
+            raise err
         raise DiagnoseError(f"{store.uri} has neither {MANIFEST} nor {EVENTS}: not a trainkit run folder "
                             "(or the run never started)")
-    if not isinstance(state, dict):
-        state = {}
+    if state is None and not any(p.startswith(MANIFEST) for p in problems):
+        problems.append(f"{MANIFEST} is missing: the status and attempts below come from {EVENTS} alone")
+    state, bad = checks.manifest_problems(state)
+    problems += bad
+    problems += checks.checkpoint_problems(store, state)
     read = ev.parse_events(events_text)
     if read.problem and events_text is not None:
         problems.append(read.problem)
@@ -400,10 +408,16 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> RunReport:
         hangs.append(_load_hang(store, folder, e, problems))
     for folder in _list_diagnostics(store, problems):
         if folder.startswith("hang-") and folder not in seen:
+            if _read_text(store, f"{DIAGNOSTICS}/{folder}/summary.json", []) is None:
+                problems.append(f"{DIAGNOSTICS}/{folder} has no summary.json and no hang_detected event: not a hang")
+                continue
             hangs.append(_load_hang(store, folder, None, problems))
     hangs.sort(key=lambda h: h.time or 0)
 
     status = state.get("status") or (finished.status if finished else "unknown")
+    if status in ("finished", "failed", "aborted"):  # an attempt the manifest never closed ended with the run
+        for a in attempts.values():
+            a["outcome"] = a["outcome"] or ("aborted" if status == "aborted" else "ended")
     error = state.get("error") or (finished.error if finished else None)
     numbered = tuple(Attempt(**attempts[k]) for k in sorted(attempts))
     last = numbered[-1] if numbered and numbered[-1].attempt else None
@@ -476,7 +490,7 @@ def _suggestions(status: str, failures: Sequence[Failure], hangs: Sequence[Hang]
     if "mismatch" in kinds:
         out["ranks made different numbers of report()/collective calls: make every rank call report() the same "
             "number of times"] = None
-    if "died" in kinds:
+    if "died" in kinds and status == "failed":  # a run that recovered needs no larger budget
         out["a worker process died: raise FailureConfig(max_failures=...) to restart from the latest checkpoint, "
             "and check the node's memory"] = None
     if hangs and status == "failed" and not debuggers:

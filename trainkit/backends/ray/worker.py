@@ -9,6 +9,7 @@ one run: the controller keeps healthy groups warm and reuses them for the next f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -23,7 +24,7 @@ import ray
 from trainkit.backends import api
 from trainkit.diagnostics import debug as _debug
 from trainkit.errors import ReportError
-from trainkit.session import RankInfo, ReportReply, Session, set_session
+from trainkit.session import RankInfo, ReportReply, Session
 
 
 class _Interrupted(BaseException):
@@ -205,7 +206,8 @@ class RankWorker:
         self._thread_ident = threading.get_ident()
         self._session = session
         self._run_ref = (controller, run_id, rank_info.attempt, rank_info.world_rank)
-        set_session(session)
+        installed = contextlib.ExitStack()
+        installed.enter_context(api.install_session(session))
         emit = lambda event: ray.get(controller.record_event.remote(run_id, rank_info.attempt, event))  # noqa: E731
         try:
             _debug.before_run(session.context, hooks, emit)  # TRAINKIT_DEBUG_RANK: wait for a debugger
@@ -221,7 +223,7 @@ class RankWorker:
                 failure.kind = "mismatch"
             return {"ok": False, "index": session.index, "failure": failure}
         finally:
-            set_session(None)
+            installed.close()
             self._session = None
             self._run_ref = None
             self._thread_ident = None
