@@ -26,9 +26,13 @@ import pytest
 
 import conformance.broken  # noqa: F401 - registers the broken-* backends before the plugin checks names
 from conformance.case import info_of
-from conformance.harness import Harness, RayProcess, needs_ray, resolve_backend
+from conformance.harness import Harness, ray_for, resolve_backend
 from conformance.report import Collector
-from trainkit.backends import ELASTIC, MULTI_WORKER
+from trainkit.backends.api import ELASTIC, MULTI_WORKER
+
+
+NAME_KEY = pytest.StashKey[str]()  # config.stash: the name of the backend under test
+BACKEND_KEY = pytest.StashKey[object]()  # config.stash: the backend object, once it has loaded
 
 
 class ConformanceFailure(AssertionError):
@@ -53,7 +57,7 @@ def pytest_configure(config):
                  "extension: behaviour trainkit adds beyond Ray Train 2.60"):
         config.addinivalue_line("markers", line)
     name = _backend_name(config)
-    config._conformance_backend_name = name
+    config.stash[NAME_KEY] = name
     if _collector(config) is None:  # the runner passes its own
         config.pluginmanager.register(Collector(name), Collector.name)
 
@@ -85,7 +89,7 @@ def pytest_itemcollected(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    name = config._conformance_backend_name
+    name = config.stash[NAME_KEY]
     try:
         backend = resolve_backend(name)
     except Exception as e:  # noqa: BLE001 - every case reports the same clear error
@@ -93,7 +97,7 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             item.add_marker(pytest.mark.skip(reason=reason))
         return
-    config._conformance_backend = backend
+    config.stash[BACKEND_KEY] = backend
     collector = _collector(config)
     if collector is not None:
         collector.backend = name
@@ -152,16 +156,10 @@ def pytest_runtest_call(item):
 def conformance_backend(request):
     """(name, backend object) under test; starts this process's Ray when the backend needs one."""
     config = request.config
-    name = config._conformance_backend_name
-    backend = getattr(config, "_conformance_backend", None) or resolve_backend(name)
-    ray_proc = RayProcess() if needs_ray(name, backend) else None
-    if ray_proc is not None:
-        ray_proc.start()
-    try:
+    name = config.stash[NAME_KEY]
+    backend = config.stash.get(BACKEND_KEY, None) or resolve_backend(name)
+    with ray_for(backend):
         yield name, backend
-    finally:
-        if ray_proc is not None:
-            ray_proc.stop()
 
 
 @pytest.fixture

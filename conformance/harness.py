@@ -7,80 +7,54 @@ users see it) and hands its spec to the backend. Local mode (``workers=0``) goes
 backend itself only when it declares ``handles_local_mode`` (``ray_train``: Ray Train's
 own local mode); otherwise it is trainkit's local mode, which every trainkit backend shares.
 
-Also here: ``start_ray``/``stop_ray`` (one private local Ray per pytest process, with its
-own ``RAY_TMPDIR`` so that it never joins another session's cluster) and small helpers
-that training functions use inside workers. Runs in the pytest process and, for the
-helpers, in workers.
+Also here: ``ray_for(backend)`` (one private local Ray per pytest process for a backend
+whose ``needs_ray`` trait says so: ``trainkit_testing.cluster.Cluster``, with its own
+``RAY_TMPDIR`` so that it never joins another session's cluster) and small helpers that
+training functions use inside workers. Runs in the pytest process and, for the helpers,
+in workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-RAY_BACKENDS = ("ray", "ray_train")
+RAY_CPUS = 3  # logical CPUs of the private Ray's one node (the elastic cases read the capacity from Ray)
 
 
 def resolve_backend(name: str):
     """The backend object for ``name`` (registered name or ``module:attr``)."""
     import conformance.broken  # noqa: F401 - registers the suite's broken-* self-test backends
-    from trainkit.backends import available_backends, get_backend, register_backend
+    from trainkit.backends.api import available_backends, get_backend, register_backend
 
     if ":" in name and name not in available_backends():
         register_backend(name, name)  # so that TorchTrainer(backend=name) finds it too
     return get_backend(name)
 
 
-def needs_ray(name: str, backend: Any) -> bool:
-    return bool(getattr(backend, "needs_ray", name in RAY_BACKENDS))
+@contextlib.contextmanager
+def ray_for(backend: Any) -> Iterator[None]:
+    """A private local Ray (one node of ``RAY_CPUS`` CPUs) for the block, when ``backend`` needs Ray.
 
+    A Ray this process is already connected to (the plugin's cluster fixture, a test's) is
+    used as it is; a backend whose ``needs_ray`` trait is false gets none.
+    """
+    from trainkit_testing.cluster import Cluster, needs_ray
 
-class RayProcess:
-    """A private local Ray for this pytest process; started only for backends that need it."""
-
-    def __init__(self, num_cpus: int = 3):
-        self.num_cpus = num_cpus
-        self.tmpdir: Optional[str] = None
-        self.started = False
-        self._saved: dict = {}
-
-    def start(self) -> None:
+    if needs_ray(backend):
         import ray
 
-        if ray.is_initialized():
-            return  # someone (the plugin's cluster fixture, a test) already runs one: use it
-        self.tmpdir = tempfile.mkdtemp(prefix="tkconf-", dir="/tmp")  # short: Ray's socket paths must fit
-        env = {"RAY_TMPDIR": self.tmpdir, "TRAINKIT_PROGRESS": "0"}
-        self._saved = {k: os.environ.get(k) for k in (*env, "RAY_ADDRESS")}
-        os.environ.update(env)
-        os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
-        self.started = True
-
-    def stop(self) -> None:
-        if not self.started:
+        if not ray.is_initialized():
+            with Cluster(nodes=0, head_cpus=RAY_CPUS, env={"TRAINKIT_PROGRESS": "0"}, fast_failure=False,
+                         log_to_driver=False, tmp_prefix="tkconf-"):
+                yield
             return
-        import ray
-
-        try:
-            from trainkit.backends.ray import release_warm_workers
-
-            release_warm_workers()
-        finally:
-            ray.shutdown()
-            for k, v in self._saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            if self.tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.started = False
+    yield
 
 
 class Harness:

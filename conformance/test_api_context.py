@@ -9,7 +9,7 @@ import pytest
 import trainkit
 from conformance.case import case
 from conformance.harness import count_attempt, put
-from trainkit.backends import MULTI_WORKER
+from trainkit.backends.api import MULTI_WORKER
 
 
 # -- API surface ---------------------------------------------------------------------------------

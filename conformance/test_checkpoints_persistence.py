@@ -7,7 +7,7 @@ import os
 import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_files, checkpoint_with, put, resume_step
-from trainkit.backends import MULTI_WORKER
+from trainkit.backends.api import MULTI_WORKER
 
 _RT_FROM_PATH = ("Ray Train 2.60 writes checkpoint_manager_snapshot.json, not trainkit's run_state.json, so "
                  "trainkit.Result.from_path cannot read its run folder (use ray.train.Result.from_path; its "

@@ -7,7 +7,7 @@ import time
 import trainkit
 from conformance.case import case
 from conformance.harness import put
-from trainkit.backends import MULTI_WORKER
+from trainkit.backends.api import MULTI_WORKER
 
 
 # -- collectives ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_with, count_attempt, put, resume_step, wait_for
-from trainkit.backends import ELASTIC, HANG_DIAGNOSTICS, MULTI_WORKER, PREEMPTION
+from trainkit.backends.api import ELASTIC, HANG_DIAGNOSTICS, MULTI_WORKER, PREEMPTION
 
 _RT_HANG = ("Ray Train 2.60 has no hang detection at the report barrier: a rank that never arrives leaves the "
             "others waiting forever (a warning every 60 s from rank 0 only; RAY_TRAIN_COLLECTIVE_TIMEOUT_S fails "

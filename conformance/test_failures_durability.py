@@ -12,7 +12,7 @@ import os
 import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_with, count_attempt, put, resume_step
-from trainkit.backends import DURABLE_REPORT, MULTI_WORKER
+from trainkit.backends.api import DURABLE_REPORT, MULTI_WORKER
 
 
 def _raise_on(config):

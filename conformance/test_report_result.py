@@ -10,7 +10,7 @@ import pytest
 import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_files, checkpoint_with, put
-from trainkit.backends import MULTI_WORKER
+from trainkit.backends.api import MULTI_WORKER
 
 _RT_METRICS = ("Ray Train 2.60's Result.metrics is the metrics of the latest *checkpointed* report: metrics-only "
                "reports are not reflected and a run without checkpoints has metrics None (reference §10.2, E1, E2).")

@@ -1,9 +1,10 @@
 """``trainkit chaos PATH``: run a scenario on its own local cluster, inject its faults, judge the run.
 
     scenario file --load/validate--> Scenario (exit 2 on a bad file: file, line, key, did you mean)
-    -> private RAY_TMPDIR, moto S3 server if `run.storage: s3`
-    -> ray.cluster_utils.Cluster: a head node without CPUs (driver, controller, broker) and
-       `cluster.nodes` virtual nodes of `cpus_per_node` CPUs, node i carrying resource tk_node_<i>
+    -> moto S3 server if `run.storage: s3` (trainkit_testing.s3.MotoS3)
+    -> a private local cluster (trainkit_testing.cluster.Cluster: its own RAY_TMPDIR, fast node-death
+       checks): a head node without CPUs (driver, controller, broker) and `cluster.nodes` virtual
+       nodes of `cpus_per_node` CPUs, node i carrying resource tk_node_<i>
     -> fit() of the workload with a FaultPlan (and a NodeBroker for node faults), live progress
        on a terminal from the run's events.jsonl
     -> verdicts from events.jsonl + run_state.json, a verdict table and a text timeline,
@@ -27,18 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from trainkit.errors import ConfigError, ScenarioError, TrainingFailedError
+from trainkit_testing.environ import Environ
 
 from fault_injection import faults as F
 from fault_injection import timeline, verdicts
 from fault_injection.scenario import Scenario, load_scenario, resolve_entry
 
 USAGE_ERROR = 2
-# Node loss is noticed in about a second instead of Ray's default ~30 s.
-_RAY_ENV = {"RAY_gcs_server_port_wait_time_s": "120", "RAY_health_check_period_ms": "500",
-            "RAY_health_check_failure_threshold": "2",
-            "RAY_health_check_timeout_ms": "500", "TRAINKIT_PROGRESS": "0"}
-_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+S3_BUCKET = "trainkit-chaos"  # the bucket of `run.storage: s3` scenarios on the runner's moto server
 
 
 @dataclass
@@ -63,38 +60,14 @@ class Outcome:
                 "elapsed_s": round(self.elapsed_s, 3), "recoveries": self.recoveries}
 
 
-class _Environ:
-    """Set environment variables for the run (inherited by every Ray process) and restore them after."""
-
-    def __init__(self):
-        self.saved: dict[str, Optional[str]] = {}
-
-    def set(self, **values: str) -> None:
-        for k, v in values.items():
-            self.saved.setdefault(k, os.environ.get(k))
-            os.environ[k] = v
-
-    def pop(self, *keys: str) -> None:
-        for k in keys:
-            self.saved.setdefault(k, os.environ.get(k))
-            os.environ.pop(k, None)
-
-    def restore(self) -> None:
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_scenario(scenario: Scenario, *, backend: str = "ray", seed: Optional[int] = None,
                  storage: Optional[str] = None, on_line=None) -> Outcome:
     """Run one scenario on a fresh local cluster and judge it; ``on_line(text)`` gets live timeline lines."""
     import ray
 
     from trainkit import DataParallelTrainer, FailureConfig, HangConfig, RunConfig, ScalingConfig
-    from trainkit.backends import get_backend
-    from fault_injection.broker import NODE_RESOURCE, NodeBroker
+    from trainkit.backends.api import get_backend
+    from fault_injection.broker import NodeBroker
     from fault_injection.injector import FaultPlan
 
     get_backend(backend)  # an unknown name fails before anything starts
@@ -103,10 +76,8 @@ def run_scenario(scenario: Scenario, *, backend: str = "ray", seed: Optional[int
                           "a process without Ray: the runner starts its own cluster", hint="call ray.shutdown() first")
     fn = resolve_entry(scenario.workload.entry)
     t_start = time.monotonic()
-    env = _Environ()
-    ray_tmpdir = tempfile.mkdtemp(prefix="tkchaos-", dir="/tmp")  # short: Ray's socket paths must fit
-    env.set(RAY_TMPDIR=ray_tmpdir, **_RAY_ENV)
-    env.pop("RAY_ADDRESS")
+    env = Environ()
+    env.set(TRAINKIT_PROGRESS="0")  # before Ray starts: inherited by every Ray process
     moto = cluster = broker = tail = None
     error = None
     try:
@@ -115,23 +86,11 @@ def run_scenario(scenario: Scenario, *, backend: str = "ray", seed: Optional[int
         elif storage is None:
             storage = os.path.join(tempfile.mkdtemp(prefix="trainkit_chaos_"), "runs")
         if backend != "local":
-            from ray.cluster_utils import Cluster
-
-            cpus = scenario.cluster.cpus_per_node
             node_faults = any(F.is_node_fault(f) for f in scenario.faults)
-            # Without node faults the head node is node 0 (one raylet fewer to start); with them it
-            # has no CPUs, so that every node that may go away is a virtual one.
-            head = {"num_cpus": 0 if node_faults else cpus, "include_dashboard": False}
-            if not node_faults:
-                head["resources"] = {NODE_RESOURCE.format(0): 1}
-            cluster = Cluster(initialize_head=True, head_node_args=head)
-            first = 0 if node_faults else 1
-            nodes = [cluster.add_node(num_cpus=cpus, resources={NODE_RESOURCE.format(i): 1})
-                     for i in range(first, scenario.cluster.nodes)]
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False)
+            cluster = _cluster_for(scenario, node_faults).start()
             if node_faults:
-                broker = NodeBroker(cluster, nodes, cpus).start(background=False)
+                broker = NodeBroker(cluster.ray_cluster, cluster.virtual_nodes,
+                                    cluster.cpus_per_node).start(background=False)
         plan = FaultPlan(scenario.faults, seed=scenario.seed if seed is None else seed, broker=broker)
         hang = (HangConfig(timeout_s=scenario.run.hang_timeout_s, action=scenario.run.hang_action)
                 if scenario.run.hang_timeout_s else None)
@@ -179,12 +138,10 @@ def run_scenario(scenario: Scenario, *, backend: str = "ray", seed: Optional[int
         if broker is not None:
             broker.stop()
         if cluster is not None:
-            _shutdown_ray()
-            cluster.shutdown()
+            cluster.stop()
         if moto is not None:
             moto.stop()
         env.restore()
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 def judge(scenario: Scenario, store, elapsed_s: float = 0.0, error: Optional[BaseException] = None) -> Outcome:
@@ -201,39 +158,38 @@ def judge(scenario: Scenario, store, elapsed_s: float = 0.0, error: Optional[Bas
                    verdicts.recovery_times(read.events), read.problem)
 
 
-def _shutdown_ray() -> None:
-    import ray
+def _cluster_for(scenario: Scenario, node_faults: bool):
+    """The scenario's cluster, not started yet: `cluster.nodes` nodes of `cpus_per_node` CPUs, node i
+    carrying the resource tk_node_<i>.
 
-    from trainkit.backends import ray as ray_backend
+    Without node faults the head node is node 0 (one raylet fewer to start); with them it
+    has no CPUs, so that every node that may go away is a virtual one.
+    """
+    from trainkit_testing.cluster import Cluster
 
-    try:
-        ray_backend.release_warm_workers()
-    finally:
-        ray.shutdown()
+    from fault_injection.broker import NODE_RESOURCE
+
+    cpus = scenario.cluster.cpus_per_node
+    first = 0 if node_faults else 1
+    return Cluster(scenario.cluster.nodes - first, cpus, head_cpus=0 if node_faults else cpus,
+                   head_resources=None if node_faults else {NODE_RESOURCE.format(0): 1},
+                   node_resources=[{NODE_RESOURCE.format(i): 1} for i in range(first, scenario.cluster.nodes)],
+                   log_to_driver=False, tmp_prefix="tkchaos-")
 
 
-def _start_s3(env: _Environ, storage: Optional[str]):
+def _start_s3(env: Environ, storage: Optional[str]):
     """A moto S3 server on 127.0.0.1 that every Ray process reaches through AWS_* variables."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     import logging
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per S3 request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env.set(AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint, **_AWS_ENV)
-    env.pop("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="trainkit-chaos")
-    try:
-        import s3fs
+    from trainkit_testing.s3 import AWS_UNSET, MotoS3, clear_s3fs_cache
 
-        s3fs.S3FileSystem.clear_instance_cache()
-    except ImportError:
-        pass
-    return storage or "s3://trainkit-chaos/runs", server
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per S3 request
+    server = MotoS3().start()
+    env.set(server.env)
+    env.pop(*AWS_UNSET)
+    server.create_bucket(name=S3_BUCKET)
+    clear_s3fs_cache()
+    return storage or f"s3://{S3_BUCKET}/runs", server
 
 
 class _Tail(threading.Thread):

@@ -11,17 +11,15 @@ Hypothesis: the ``deterministic`` profile (the default) derives every example fr
 itself (``derandomize=True``), so the suite gives the same answer on every run and every
 machine. Random exploration is ``--hypothesis-profile=explore`` (``.ci/explore``).
 
-``s3_server`` starts one moto S3 server per test process (each pytest-xdist worker gets
-its own, on its own free port) and points boto3/s3fs at it through the environment;
-``s3_bucket`` gives each test a fresh bucket on it. The server is the pytest plugin's
-``trainkit_testing.s3.MotoS3`` (one moto set-up in the repository). Moto and boto3 are
-imported only when an S3 test asks for them.
+Clusters and S3 come from the trainkit pytest plugin itself (``trainkit_cluster``,
+``s3_storage``: one moto server per test process, a fresh bucket per test, the endpoint in
+every Ray process of the cluster), as in a user's suite; tests/integration/conftest.py
+adds ``ray_up`` on top of the cluster fixture.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -72,37 +70,6 @@ pytest_plugins = ["pytester"]  # the plugin tests in tests/plugin run pytest ins
 # Many Ray processes start at once under pytest -n 2 on 2 cores: give GCS longer than Ray's default
 # 30 s to come up rather than fail a test's cluster start (inherited by every Ray this suite starts).
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """The endpoint URL of a moto S3 server private to this test process (the plugin's ``MotoS3``)."""
-    from trainkit_testing.s3 import AWS_UNSET, MotoS3
-
-    server = MotoS3().start()
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in server.env.items():
-            mp.setenv(k, v)
-        for k in AWS_UNSET:
-            mp.delenv(k, raising=False)
-        try:
-            yield server.endpoint
-        finally:
-            server.stop()
-
-
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh, empty bucket on the test process's moto server; its name."""
-    import boto3
-
-    from trainkit_testing.s3 import clear_s3fs_cache
-
-    name = f"trainkit-test-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
-    clear_s3fs_cache()  # no listing cached from another test's view of storage
-    yield name
 
 
 @pytest.fixture

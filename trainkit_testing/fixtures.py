@@ -32,15 +32,21 @@ from typing import Callable, Optional
 
 import pytest
 
-from trainkit_testing.cluster import ClusterPlan
+from trainkit_testing.cluster import ClusterPlan, needs_ray
 from trainkit_testing.settings import FAILED_KEY, RUNS_KEY, SETTINGS_KEY, Settings
 
 PLAN_KEY = pytest.StashKey[ClusterPlan]()
-RAY_BACKENDS = ("ray", "ray_train")  # backends that run on the session's fake Ray cluster
-_CLUSTER_USERS = ("run_training", "trainkit_cluster")
 
 
 # -- planning (at collection) --------------------------------------------------------------------
+
+def _on_cluster(backend: str) -> bool:
+    """Whether ``run_training`` on ``backend`` runs on the session's fake Ray cluster (the backend's ``needs_ray``)."""
+    try:
+        return needs_ray(backend)
+    except (ValueError, ImportError):  # a backend that cannot be loaded: its fit() says so, in the test
+        return False
+
 
 def plan_cluster(config: pytest.Config, per_item: list) -> ClusterPlan:
     """Size the session's cluster for the largest test that will use it; remember whether S3 is needed.
@@ -49,9 +55,10 @@ def plan_cluster(config: pytest.Config, per_item: list) -> ClusterPlan:
     (so a one-node test can pack all its ranks on one node), times the number of xdist
     workers sharing the cluster.
     """
+    on_cluster = {b for b in {s.backend for _, s in per_item} if _on_cluster(b)}
     users = [(item, s) for item, s in per_item
              if "trainkit_cluster" in getattr(item, "fixturenames", ())
-             or ("run_training" in getattr(item, "fixturenames", ()) and s.backend in RAY_BACKENDS)]
+             or ("run_training" in getattr(item, "fixturenames", ()) and s.backend in on_cluster)]
     base: Settings = config.stash[SETTINGS_KEY]
     nodes = max([s.nodes for _, s in users] or [base.nodes])
     workers = max([s.workers for _, s in users] or [base.workers])
@@ -210,8 +217,8 @@ class TrainingRunner:
 
     def __call__(self, train_fn: Callable, config: Optional[dict] = None, *, scaling=None, storage=None,
                  run_config=None, datasets: Optional[dict] = None):
-        from trainkit.config import TorchConfig
-        from trainkit.trainer import DataParallelTrainer
+        from trainkit import DataParallelTrainer
+        from trainkit.config import TorchConfig  # not trainkit.torch's: that imports torch, local mode must not
 
         rc = self._run_config(run_config, storage)
         if self._local:
@@ -248,7 +255,7 @@ def run_training(request: pytest.FixtureRequest, trainkit_settings: Settings, sc
     ...     assert result.metrics == {"step": 2, "world_size": 2}
     """
     _test_env(monkeypatch, trainkit_settings, tmp_storage)
-    if trainkit_settings.backend in RAY_BACKENDS:
+    if _on_cluster(trainkit_settings.backend):
         request.getfixturevalue("trainkit_cluster")
     return TrainingRunner(request.node, trainkit_settings, scaling_config, local=trainkit_settings.local)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -51,10 +51,11 @@ class MotoS3:
         """What a process needs in its environment to use this server as S3."""
         return dict(AWS_ENV, AWS_ENDPOINT_URL=self.endpoint, AWS_ENDPOINT_URL_S3=self.endpoint)
 
-    def create_bucket(self, prefix: str = "trainkit-test") -> str:
+    def create_bucket(self, prefix: str = "trainkit-test", *, name: Optional[str] = None) -> str:
+        """Create a bucket: ``name``, or a fresh ``<prefix>-<random>`` one; returns its name."""
         import boto3
 
-        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        name = name or f"{prefix}-{uuid.uuid4().hex[:12]}"
         client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket=name)

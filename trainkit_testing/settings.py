@@ -61,7 +61,7 @@ def parse_nodes(value: Any, name: str = "--trainkit-nodes") -> int:
 
 
 def parse_backend(value: Any, name: str = "--trainkit-backend") -> str:
-    from trainkit.backends import available_backends
+    from trainkit.backends.api import available_backends
 
     known = sorted(available_backends())
     if not isinstance(value, str) or value.strip() not in known:

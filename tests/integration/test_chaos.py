@@ -1,6 +1,6 @@
 """``trainkit chaos`` end to end: each shipped scenario on its own local cluster, through ``main(args)``.
 
-Every call starts and stops its own ``ray.cluster_utils.Cluster`` (private RAY_TMPDIR), so
+Every call starts and stops its own ``trainkit_testing.cluster.Cluster`` (private RAY_TMPDIR), so
 these tests must not share the process with an initialised Ray: run this file alone.
 """
 

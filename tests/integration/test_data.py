@@ -1,6 +1,6 @@
 """Dataset shards on a real local Ray: disjoint and covering, resumed mid-epoch exactly once.
 
-One Ray per test process (``ray_up`` in conftest.py, 4 CPUs). Every run records the row
+One Ray for the session (``ray_up`` in conftest.py: the plugin's cluster, 4 CPUs per test process). Every run records the row
 ids each rank consumed with ``trainkit_testing.exactly_once.ExactlyOnce`` and is checked
 with ``assert_exactly_once``. Faults are injected inside the training function on
 attempt 1 (``os._exit`` or an exception at a chosen report), so they replay exactly.
@@ -20,7 +20,8 @@ from trainkit.data import load_shard_states, save_shard_state
 from trainkit.torch import TorchTrainer
 from trainkit_testing.exactly_once import ExactlyOnce, assert_exactly_once, check_exactly_once
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"), pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
+              pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]
 
 
 def _fit(fn, storage_path, name, *, workers, config, datasets, max_failures=0):

@@ -18,7 +18,8 @@ import pytest
 
 import psutil
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"), pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
+              pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(150)]
 
 _DRIVER = textwrap.dedent("""
     import sys, time, ray, trainkit

@@ -1,7 +1,8 @@
 """Elastic resizing and preemption on a real local Ray cluster with virtual nodes.
 
-One ``ray.cluster_utils.Cluster`` per test module (head with no CPUs, three 1-CPU nodes),
-fast GCS health checks so a removed node is noticed in about a second.
+One private ``trainkit_testing.cluster.Cluster`` for the module (head with no CPUs, three
+1-CPU nodes, fast GCS health checks so a removed node is noticed in about a second): the
+tests remove and add nodes, which the session's shared cluster must never see.
 """
 
 from __future__ import annotations
@@ -18,32 +19,16 @@ import pytest
 import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from trainkit.torch import TorchTrainer
+from trainkit_testing.cluster import Cluster
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    old = dict(os.environ)
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="tk_ray_")
-    os.environ.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="2",
-                      RAY_health_check_timeout_ms="500")
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(3)]
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    try:
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        os.environ.clear()
-        os.environ.update(old)
+    """(the ``ray.cluster_utils.Cluster``, its three virtual nodes): what the tests remove and add nodes with."""
+    with Cluster(nodes=3, cpus_per_node=1) as c:
+        yield c.ray_cluster, c.virtual_nodes
 
 
 def _events(run_path: str) -> list[dict]:

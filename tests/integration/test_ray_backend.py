@@ -1,6 +1,6 @@
 """The ``ray`` backend on a real local Ray: DDP, the durable report barrier, failures, resume, S3.
 
-One Ray per test process (``ray_session``/``ray_up`` in conftest.py). Healthy 2-worker groups stay
+One Ray for the session (``ray_up`` in conftest.py: the plugin's cluster). Healthy 2-worker groups stay
 warm between fits, so most tests reuse the same workers; tests that kill a group are
 grouped together, and the 4-worker tests come last. After every test, the pids of every
 attempt that ended in failure (from ``attempt_started`` events) must be gone; the pids of
@@ -27,7 +27,8 @@ from trainkit import (Checkpoint, ControllerError, FailureConfig, Result, RunCon
                       TrainingFailedError, WorkerGroupError)
 from trainkit.torch import TorchTrainer
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"), pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
+              pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(150)]
 
 FAST_S = 8.0  # "fails fast": seconds from the cause to fit() raising (the machine is small and shared)
 DEAD_WITHIN_S = 20.0  # a killed group's processes must be gone within this
@@ -372,23 +373,14 @@ def test_a_second_fit_with_the_same_name_resumes_from_the_latest_checkpoint(stor
 
 
 # -- 7. checkpoints on moto-served S3 -----------------------------------------------------------
-def test_checkpoints_from_both_ranks_are_merged_on_moto_s3(ray_up, tmp_path, monkeypatch):
-    import boto3
-    import s3fs
-
-    for k, v in ray_up.aws_env.items():  # the endpoint the Ray processes inherited
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"tk-ray-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-    boto3.client("s3", endpoint_url=ray_up.s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-
+def test_checkpoints_from_both_ranks_are_merged_on_moto_s3(s3_storage, tmp_path):
+    bucket = s3_storage.bucket  # on the moto server whose endpoint every Ray process of the cluster has
     out = str(tmp_path / "seen")
-    storage = f"s3://{bucket}/runs"
-    result = _fit(_steps_fn, storage, "s3run", config={"steps": 2, "out": out, "ckpt_ranks": [0, 1]})
+    result = _fit(_steps_fn, s3_storage.path, "s3run", config={"steps": 2, "out": out, "ckpt_ranks": [0, 1]})
     assert result.metrics["step"] == 2
     assert result.path == f"{bucket}/runs/s3run"
 
-    fs = s3fs.S3FileSystem(endpoint_url=ray_up.s3_endpoint)
+    fs = s3_storage.fs
     for i in (1, 2):
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/s3run/checkpoint_{i}"))
         assert names == ["rank-0.json", "rank-1.json", "step.json"]

@@ -1,4 +1,8 @@
-"""Checkpoints and whole runs on s3:// (s3fs) against a moto server, as on a real bucket."""
+"""Checkpoints and whole runs on s3:// (s3fs) against a moto server, as on a real bucket.
+
+Each test gets a fresh bucket from the plugin's ``s3_storage`` fixture, its credentials and
+endpoint in this process's environment (what a plain ``s3fs.S3FileSystem()`` reads).
+"""
 
 from __future__ import annotations
 
@@ -41,9 +45,9 @@ def _read_tree(root):
 _FILES = {"model.pt": b"weights", "sub/optim.pt": b"state"}
 
 
-def test_checkpoint_on_s3_downloads_with_to_directory_and_as_directory(s3_bucket, tmp_path):
-    ckpt = Checkpoint(_upload_tree(s3_bucket, "ckpts/a", _FILES))
-    assert ckpt.uri == f"s3://{s3_bucket}/ckpts/a"
+def test_checkpoint_on_s3_downloads_with_to_directory_and_as_directory(s3_storage, tmp_path):
+    ckpt = Checkpoint(_upload_tree(s3_storage.bucket, "ckpts/a", _FILES))
+    assert ckpt.uri == f"s3://{s3_storage.bucket}/ckpts/a"
     out = ckpt.to_directory(tmp_path / "out")
     assert _read_tree(out) == _FILES
     with ckpt.as_directory() as d:
@@ -51,7 +55,8 @@ def test_checkpoint_on_s3_downloads_with_to_directory_and_as_directory(s3_bucket
     assert not os.path.exists(d)  # the temporary download is removed
 
 
-def test_checkpoint_metadata_on_s3(s3_bucket):
+def test_checkpoint_metadata_on_s3(s3_storage):
+    s3_bucket = s3_storage.bucket
     ckpt = Checkpoint(_upload_tree(s3_bucket, "ckpts/meta", _FILES))
     assert ckpt.get_metadata() == {}
     ckpt.set_metadata({"epoch": 3})
@@ -84,8 +89,9 @@ def _fit(storage, name, steps):
     ).fit()
 
 
-def test_a_local_mode_run_on_s3_resumes_by_name_and_loads_with_from_path(s3_bucket):
-    storage = f"s3://{s3_bucket}/runs"
+def test_a_local_mode_run_on_s3_resumes_by_name_and_loads_with_from_path(s3_storage):
+    s3_bucket = s3_storage.bucket
+    storage = s3_storage.path
     first = _fit(storage, "s3run", steps=3)
     assert first.return_value == 1
     assert first.metrics == {"step": 3, "score": 0}

@@ -10,17 +10,15 @@ random reports, before or after the barrier) and the ``ExactlyOnce`` recorder. E
 must finish, commit every report index once in its final lineage, fire every fault, and
 pass ``assert_exactly_once`` for both epochs.
 
-The property test shares ONE local Ray (private ``RAY_TMPDIR``) across the module. Node
-loss with an elastic resize needs several nodes, so it is one plain test on a
-``ray.cluster_utils.Cluster`` (three 1-CPU nodes, ``num_workers=(2, 3)``), run first and
-shut down before the shared Ray starts.
+The property test shares ONE local Ray (a one-node ``trainkit_testing.cluster.Cluster``,
+private ``RAY_TMPDIR``) across the module. Node loss with an elastic resize needs several
+nodes, so it is one plain test on a ``Cluster`` of three 1-CPU virtual nodes
+(``num_workers=(2, 3)``), run first and shut down before the shared Ray starts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shutil
 import tempfile
 import uuid
@@ -37,6 +35,7 @@ from trainkit.events import parse_events
 from trainkit.result import lineage
 from trainkit.storage import EVENTS, MANIFEST, RunStore
 from trainkit.torch import TorchTrainer
+from trainkit_testing.cluster import Cluster
 from trainkit_testing.exactly_once import ExactlyOnce, assert_exactly_once
 
 from fault_injection import FaultPlan, NodeBroker, timeline
@@ -104,43 +103,14 @@ def _check_run(result, events, store, rows: int) -> None:
 
 
 # -- node loss with an elastic resize: one run on a cluster of virtual nodes --------------------
-@contextlib.contextmanager
-def _virtual_cluster(nodes: int):
-    """A head without CPUs (driver, controller, broker) and ``nodes`` 1-CPU nodes; fast node-death checks."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    saved = dict(os.environ)
-    tmp = tempfile.mkdtemp(prefix="tkeo-", dir="/tmp")  # short: Ray's socket paths must fit
-    os.environ.update(RAY_TMPDIR=tmp, TRAINKIT_PROGRESS="0", RAY_health_check_period_ms="500",
-                      RAY_health_check_failure_threshold="2", RAY_health_check_timeout_ms="500")
-    os.environ.pop("RAY_ADDRESS", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        handles = [cluster.add_node(num_cpus=1) for _ in range(nodes)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield cluster, handles
-    finally:
-        from trainkit.backends.ray import release_warm_workers
-
-        release_warm_workers()
-        ray.shutdown()
-        cluster.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.mark.timeout(300)
 def test_losing_a_node_mid_epoch_resizes_3_to_2_and_keeps_every_epoch_exactly_once(tmp_path):
     import ray
 
     rows = 240  # 3 ranks x 4 batches of 20; after the loss the rest of epoch 0 is split over 2 ranks
-    with _virtual_cluster(3) as (cluster, handles):
-        broker = NodeBroker(cluster, handles, cpus_per_node=1).start()
+    # a head without CPUs (driver, controller, broker) and three 1-CPU nodes; fast node-death checks
+    with Cluster(nodes=3, cpus_per_node=1, env={"TRAINKIT_PROGRESS": "0"}, log_to_driver=False) as cluster:
+        broker = NodeBroker(cluster.ray_cluster, cluster.virtual_nodes, cpus_per_node=1).start()
         try:
             ds = ray.data.range(rows, override_num_blocks=6)
             faults = [{"action": "kill_node", "node": 2, "at": {"report": 2}}]
@@ -173,26 +143,9 @@ def local_ray():
     """
     import ray
 
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "TRAINKIT_PROGRESS", "RAY_ADDRESS")}
-    tmp = tempfile.mkdtemp(prefix="tkeo-", dir="/tmp")
-    os.environ.update(RAY_TMPDIR=tmp, TRAINKIT_PROGRESS="0")
-    os.environ.pop("RAY_ADDRESS", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=WORLD_SIZE, include_dashboard=False, log_to_driver=False)
-    try:
+    with Cluster(nodes=0, head_cpus=WORLD_SIZE, env={"TRAINKIT_PROGRESS": "0"}, fast_failure=False,
+                 log_to_driver=False, tmp_prefix="tkeo-"):
         yield ray.data.range(ROWS, override_num_blocks=4)
-    finally:
-        from trainkit.backends.ray import release_warm_workers
-
-        release_warm_workers()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _kill_raise_or_preempt(fault: dict) -> st.SearchStrategy:

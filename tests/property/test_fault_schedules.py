@@ -9,9 +9,6 @@ resume every attempt from the latest committed checkpoint, and record every faul
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
 
 import pytest
@@ -21,6 +18,7 @@ from trainkit import FailureConfig, RunConfig, ScalingConfig
 from trainkit.events import parse_events
 from trainkit.storage import MANIFEST, RunStore
 from trainkit.trainer import DataParallelTrainer
+from trainkit_testing.cluster import Cluster
 
 from fault_injection import FaultPlan
 from fault_injection.scenario import validate_faults
@@ -46,28 +44,10 @@ def test_generated_schedules_are_valid_fault_plans_at_distinct_reports(schedule)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "TRAINKIT_PROGRESS", "RAY_ADDRESS")}
-    tmp = tempfile.mkdtemp(prefix="tkprop-", dir="/tmp")
-    os.environ.update(RAY_TMPDIR=tmp, TRAINKIT_PROGRESS="0")
-    os.environ.pop("RAY_ADDRESS", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=WORLD_SIZE, include_dashboard=False, log_to_driver=False)
-    try:
+    """One local Ray for the module: a single node with a CPU per rank, private RAY_TMPDIR."""
+    with Cluster(nodes=0, head_cpus=WORLD_SIZE, env={"TRAINKIT_PROGRESS": "0"}, fast_failure=False,
+                 log_to_driver=False, tmp_prefix="tkprop-"):
         yield
-    finally:
-        from trainkit.backends.ray import release_warm_workers
-
-        release_warm_workers()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fit(storage: str, faults: list):
