@@ -9,7 +9,7 @@ Swap ``ray.train`` for ``trainkit`` in a Ray Train V2 program:
 
 from trainkit import collective
 from trainkit.checkpoint import Checkpoint
-from trainkit.config import CheckpointConfig, FailureConfig, HangConfig, RunConfig, ScalingConfig
+from trainkit.config import CheckpointConfig, FailureConfig, HangConfig, RunConfig, ScalingConfig, StragglerConfig
 from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, ScenarioError,
                              StorageError, TrainingFailedError, TrainkitError, WorkerGroupError)
 from trainkit.result import Result
@@ -20,7 +20,8 @@ from trainkit.trainer import DataParallelTrainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpoint", "CheckpointConfig", "FailureConfig", "HangConfig", "RunConfig", "ScalingConfig", "Result",
+    "Checkpoint", "CheckpointConfig", "FailureConfig", "HangConfig", "RunConfig", "ScalingConfig", "StragglerConfig",
+    "Result",
     "DataParallelTrainer", "TrainContext", "ReportedCheckpoint",
     "report", "get_checkpoint", "get_all_reported_checkpoints", "get_context", "get_dataset_shard", "collective",
     "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "CheckpointError", "TrainingFailedError",

@@ -177,20 +177,61 @@ class HangConfig:
             raise ConfigError("HangConfig.dump", self.dump, "one of " + ", ".join(_HANG_DUMPS))
 
 
+@dataclass(frozen=True)
+class StragglerConfig:
+    """When a rank is named a straggler (``straggler_detected``; trainkit.diagnostics.stragglers).
+
+    A rank whose step time (previous report's release to its arrival at this report) is
+    more than ``factor`` times the median of the other ranks' and at least ``min_slower_s``
+    longer, at ``reports`` consecutive reports, is named once, with about ``sample_s``
+    seconds of py-spy samples and a classification. ``enabled=False`` turns it off.
+
+    >>> StragglerConfig(factor=3.0).reports
+    3
+    """
+
+    factor: float = 2.0
+    min_slower_s: float = 0.2
+    reports: int = 3
+    sample_s: float = 1.0
+    enabled: bool = True
+
+    def __post_init__(self):
+        for name, low in (("factor", 1.0), ("min_slower_s", 0.0), ("sample_s", 0.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+                raise ConfigError(f"StragglerConfig.{name}", v, f"a finite number >= {low:g}")
+        if isinstance(self.reports, bool) or not isinstance(self.reports, int) or self.reports < 1:
+            raise ConfigError("StragglerConfig.reports", self.reports, "an int >= 1")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("StragglerConfig.enabled", self.enabled, "True or False")
+
+
 def default_run_name() -> str:
     """A name unique per run: time to the second plus random hex (no collisions in one second)."""
     return time.strftime("trainkit_run-%Y-%m-%d_%H-%M-%S-") + secrets.token_hex(3)
 
 
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
 def _validate_storage_path(path: str) -> str:
+    """The storage path to use, or ``ConfigError`` before anything is created: an unknown scheme, an
+    object store URI without a bucket, a relative local path or ``file://`` URI."""
     if "://" in path:
-        scheme = path.split("://", 1)[0].lower()
+        scheme, rest = path.split("://", 1)
+        scheme = scheme.lower()
         if scheme not in _STORAGE_SCHEMES:
             raise ConfigError("RunConfig.storage_path", path,
                               "a local absolute path or a URI with scheme " +
                               ", ".join(s + "://" for s in _STORAGE_SCHEMES if s))
         if scheme in ("file", "local"):
-            return path.split("://", 1)[1]
+            if not rest.startswith("/"):
+                raise ConfigError("RunConfig.storage_path", path, f"an absolute {scheme}:// URI ({scheme}:///abs/dir)",
+                                  hint=f"use {scheme}://{os.path.abspath(os.path.expanduser(rest))}")
+            return rest
+        if scheme in _BUCKET_SCHEMES and not rest.split("/", 1)[0]:
+            raise ConfigError("RunConfig.storage_path", path, f"a URI naming a bucket: {scheme}://<bucket>/<prefix>")
         return path
     expanded = os.path.expanduser(path)
     if not os.path.isabs(expanded):
@@ -218,11 +259,15 @@ class RunConfig:
     callbacks: Optional[Sequence[Any]] = None
     worker_runtime_env: Optional[dict] = None
     verbose: Optional[int] = None
+    straggler_config: Optional[StragglerConfig] = None  # trainkit: stragglers named in the event stream
 
     def __post_init__(self):
-        name = self.name or default_run_name()
+        name = default_run_name() if self.name is None else self.name
         if not isinstance(name, str):
             raise ConfigError("RunConfig.name", self.name, "a string")
+        if not name.strip():
+            raise ConfigError("RunConfig.name", name, "a non-empty folder name, or None for a new "
+                              "trainkit_run-<time>-<hex> name per run")
         if "/" in name or "\\" in name or os.sep in name or name in (".", ".."):
             raise ConfigError("RunConfig.name", name, "a name without path separators",
                               hint="put the folder in storage_path")
@@ -235,7 +280,7 @@ class RunConfig:
             sp = _validate_storage_path(sp)
         object.__setattr__(self, "storage_path", sp)
         for fname, cls in (("failure_config", FailureConfig), ("checkpoint_config", CheckpointConfig),
-                           ("hang_config", HangConfig)):
+                           ("hang_config", HangConfig), ("straggler_config", StragglerConfig)):
             v = getattr(self, fname)
             if v is None:
                 object.__setattr__(self, fname, cls())

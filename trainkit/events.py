@@ -3,7 +3,10 @@
 Each event is a frozen, JSON-serialisable dataclass with a ``type`` tag. The controller
 (or the local runner) writes them; ``trainkit diagnose``, chaos verdicts, the pytest
 plugin and ``Result.from_path`` read them. Readers tolerate a damaged or truncated
-file: they stop at the first unreadable line and say which.
+file: a torn line (an interrupted write: it starts like an event and is cut off) is
+skipped and reading goes on; any other unreadable line stops reading there; either is
+said, with the line. The writer never continues a torn line: a file that does not end
+with a newline gets one first.
 
 Runs wherever a run is coordinated (driver for local mode, controller actor, rank 0
 under torchrun); readers run anywhere.
@@ -68,6 +71,7 @@ class ReportCommitted(Event):
     checkpoint: Optional[str] = None
     world_size: int = 0
     barrier_s: float = 0.0  # first arrival to commit
+    step_s: tuple = ()  # per world rank: previous release (or attempt start) to its arrival here
 
 
 @_event("worker_failed")
@@ -117,6 +121,22 @@ class HangDetected(Event):
     ranks: tuple = ()  # per rank: {"world_rank", "state", "classification", "user_frame"}
 
 
+@_event("straggler_detected")
+@dataclass(frozen=True)
+class StragglerDetected(Event):
+    attempt: int = 0
+    index: int = 0  # the report at which it was named
+    world_rank: int = 0
+    node_id: str = ""
+    median_step_s: float = 0.0  # its step time over the reports that named it
+    others_median_step_s: float = 0.0  # the other ranks' step time over the same reports
+    classification: str = ""  # data_loading | compute | collective | checkpoint_io | user_code | unknown
+    user_frame: Optional[str] = None
+    samples: int = 0  # stack samples taken (about 1 s of py-spy dumps)
+    frames: dict = field(default_factory=dict)  # "function (file:line)" -> samples it was in (top ones)
+    error: str = ""  # why no sample could be taken
+
+
 @_event("fault_injected")
 @dataclass(frozen=True)
 class FaultInjected(Event):
@@ -136,6 +156,17 @@ class DebuggerListening(Event):
     host: str = "127.0.0.1"
     port: int = 0
     reason: str = ""
+
+
+@_event("checkpoint_skipped")
+@dataclass(frozen=True)
+class CheckpointSkipped(Event):
+    """A committed checkpoint was found damaged or missing and not handed out."""
+
+    dir: str = ""  # its folder in the run folder
+    index: int = 0  # the report index that committed it
+    problem: str = ""  # what is wrong: "its folder is missing", "model.pt is missing", ...
+    fallback: Optional[str] = None  # the checkpoint used instead (None: no intact one is left)
 
 
 @_event("run_finished")
@@ -184,14 +215,22 @@ class EventsRead:
     events: list
     bad_line: Optional[int] = None  # 1-based line where reading stopped
     problem: str = ""
+    skipped: tuple = ()  # 1-based torn lines skipped (reading went on after them)
+
+
+_EVENT_START = '{"type"'  # how every line the writer writes begins
 
 
 def parse_events(data: bytes | str | None) -> EventsRead:
-    """Parse an ``events.jsonl`` text up to its last complete, valid line."""
+    """Parse an ``events.jsonl`` text up to its last complete, valid line.
+
+    A torn line in the middle (an interrupted append, made a line of its own by the next writer's
+    newline) is skipped and the rest is read; any other unreadable line stops reading there."""
     if data is None:
         return EventsRead([], None, "events.jsonl is missing")
     text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     events = []
+    skipped: list[int] = []
     lines = text.split("\n")
     for i, line in enumerate(lines, start=1):
         if not line.strip():
@@ -200,23 +239,41 @@ def parse_events(data: bytes | str | None) -> EventsRead:
             events.append(parse_event(line))
         except (ValueError, TypeError) as e:
             truncated = i == len(lines)  # last line without newline
+            if not truncated and isinstance(e, json.JSONDecodeError) and line.startswith(_EVENT_START):
+                skipped.append(i)
+                continue
             why = "truncated" if truncated else f"unreadable ({type(e).__name__}: {e})"
-            return EventsRead(events, i, f"events.jsonl line {i} is {why}; read {len(events)} events before it")
+            problem = f"events.jsonl line {i} is {why}; read {len(events)} events before it"
+            if skipped:
+                problem += f" ({_torn(skipped)})"
+            return EventsRead(events, i, problem, tuple(skipped))
+    if skipped:
+        return EventsRead(events, None, f"events.jsonl {_torn(skipped)}; read {len(events)} events",
+                          tuple(skipped))
     return EventsRead(events)
+
+
+def _torn(lines: list[int]) -> str:
+    where = f"line {lines[0]}" if len(lines) == 1 else f"lines {', '.join(map(str, lines))}"
+    return f"{where} torn by an interrupted write, skipped"
 
 
 class EventLog:
     """Appends events to ``events.jsonl`` of a run store; keeps them in memory too.
 
     On object stores (no append) writes are buffered and the whole file is rewritten
-    at ``flush()``, which the ledger calls at commits and status changes.
+    at ``flush()``, which the ledger calls at commits and status changes. ``torn``: the
+    file does not end with a newline (its last write was interrupted), so the first write
+    starts with one; so does the next write after a failed one. A failed write keeps its
+    events pending for the next flush.
     """
 
-    def __init__(self, store, existing: list | None = None):
+    def __init__(self, store, existing: list | None = None, *, torn: bool = False):
         self._store = store
         self.events: list[Event] = list(existing or [])
         self._pending: list[str] = []
         self._listeners: list = []
+        self._newline_first = torn
 
     def subscribe(self, fn) -> None:
         self._listeners.append(fn)
@@ -233,6 +290,11 @@ class EventLog:
     def flush(self) -> None:
         if not self._pending:
             return
-        text = "".join(self._pending)
+        text = ("\n" if self._newline_first else "") + "".join(self._pending)
+        try:
+            self._store.append_text("events.jsonl", text)
+        except BaseException:
+            self._newline_first = True  # a local append may have stopped half-way
+            raise
         self._pending.clear()
-        self._store.append_text("events.jsonl", text)
+        self._newline_first = False

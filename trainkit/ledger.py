@@ -6,9 +6,18 @@ writer of ``run_state.json`` and ``events.jsonl``.
 
 Commit protocol: every rank has copied its checkpoint files into
 ``<run>/<checkpoint dir>/`` before arriving at the report barrier; the ledger then
-checks the ranks' file lists, writes the manifest atomically (the commit point), applies
-retention and only then deletes dropped folders. Folders the manifest does not name are
-never handed out, and are removed when an attempt starts.
+checks the ranks' file lists against one listing of the folder, records every file's
+name and size in the checkpoint's manifest entry, writes the manifest atomically (the
+commit point), applies retention and only then deletes dropped folders. Folders the
+manifest does not name are never handed out; when an attempt starts, the ones trainkit
+wrote (the event stream or the naming shows it) are removed with its temporary files, and
+nothing else is. Before a run resumes, its latest checkpoint is checked against its file
+list; a damaged one is dropped (``checkpoint_skipped``) and the run resumes from the
+newest intact one.
+
+A storage that cannot take the run any more (full, read-only, forbidden: ``RunStore.unusable``)
+ends it: ``record_failure`` records what it still can, marks the run ``failed`` where that
+can be written and raises the ``StorageError`` instead of letting the attempt be retried.
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ from typing import Any, Optional
 from trainkit import events as ev
 from trainkit.checkpoint import Checkpoint
 from trainkit.config import CheckpointConfig
-from trainkit.errors import TrainingFailedError, WorkerFailure
+from trainkit.errors import CheckpointError, StorageError, TrainingFailedError, WorkerFailure, WorkerGroupError
 from trainkit.policies import decide_retention
-from trainkit.result import Result, build_result, checkpoint_entries, lineage
-from trainkit.storage import EVENTS, MANIFEST, RESERVED, RunStore
+from trainkit.result import (Result, Skipped, build_result, checkpoint_entries, checkpoint_of, lineage,
+                             resolve_checkpoints, verify_entries)
+from trainkit.storage import (CHECKPOINT_NAME, EVENTS, MANIFEST, RESERVED, TEMP_NAME, RunStore,
+                              check_checkpoint_dir_name)
 
 logger = logging.getLogger("trainkit")
 
@@ -56,36 +67,46 @@ class RunLedger:
         self.store = store
         self.config = checkpoint_config
         self._warned_shared = False
-        store.ensure()
+        store.ensure()  # refuses a folder that is not a trainkit run's, touching nothing
         state = store.read_json(MANIFEST)
-        read = ev.parse_events(store.read_bytes(EVENTS) or b"")
-        self.events = ev.EventLog(store, read.events)
+        data = store.read_bytes(EVENTS)
+        read = ev.parse_events(data or b"")
+        self.events = ev.EventLog(store, read.events, torn=bool(data) and not data.endswith(b"\n"))
         if state is None:
             state = _new_state(store.name, checkpoint_config)
         state["status"] = "running"
         state["error"] = None
         state["checkpoint_config"] = _ckpt_cfg_dict(checkpoint_config)
         self.state = state
+        self._finished = False
+        self._resolved = None  # resolve_checkpoints' answer at finish(), for result()
         self._lineage = lineage(read.events)
+        skipped = self._fall_back_to_intact()
+        self._verified = True  # the latest checkpoint was just checked: the first attempt need not again
         self._drop_lineage_after(self.latest_index)
         self._write()
         self.events.emit(ev.RunStarted(name=store.name, path=store.uri, backend=backend,
                                        num_workers=num_workers,
                                        resumed_from_index=self.latest_index or None))
+        self._report_skipped(skipped)
 
     # -- reading ------------------------------------------------------------------------
     @property
     def latest_index(self) -> int:
         """Report index of the latest committed checkpoint (0: none)."""
-        d = self.state["latest_checkpoint"]
+        entry = self._entry(self.state["latest_checkpoint"])
+        return entry["index"] if entry is not None else 0
+
+    def _entry(self, d: Optional[str]) -> Optional[dict]:
         for c in self.state["checkpoints"]:
             if c["dir"] == d:
-                return c["index"]
-        return 0
+                return c
+        return None
 
     def latest_checkpoint(self) -> Optional[Checkpoint]:
-        d = self.state["latest_checkpoint"]
-        return Checkpoint(self.store.path(d), self.store.fs) if d else None
+        """The checkpoint to resume from: the latest committed one, checked at the start of the attempt."""
+        entry = self._entry(self.state["latest_checkpoint"])
+        return checkpoint_of(self.store, entry) if entry is not None else None
 
     @property
     def attempt(self) -> int:
@@ -95,32 +116,83 @@ class RunLedger:
     def last_metrics(self) -> Optional[dict]:
         return self._lineage[-1][1] if self._lineage else None
 
+    # -- integrity ----------------------------------------------------------------------
+    def _fall_back_to_intact(self) -> list:
+        """Check the latest checkpoint against its file list; while it is damaged or missing, drop it
+        from the manifest (its folder is then removed with the other uncommitted ones) and take the
+        one committed before it. Returns the ``Skipped`` records; the caller reports them."""
+        skipped = []
+        while True:
+            latest = self._entry(self.state["latest_checkpoint"])
+            if latest is None:
+                break
+            problem = verify_entries(self.store, [latest])[latest["dir"]]
+            if problem is None:
+                break
+            self.state["checkpoints"] = [c for c in self.state["checkpoints"] if c is not latest]
+            remaining = self.state["checkpoints"]
+            self.state["latest_checkpoint"] = remaining[-1]["dir"] if remaining else None
+            skipped.append(Skipped(latest, problem, self.state["latest_checkpoint"]))
+        for i, s in enumerate(skipped):  # each record names the checkpoint finally used
+            skipped[i] = Skipped(s.entry, s.problem, self.state["latest_checkpoint"])
+        return skipped
+
+    def _report_skipped(self, skipped: list) -> None:
+        for s in skipped:
+            logger.warning("%s", s.message(self.store))
+            self.events.emit(s.event(), flush=True)
+
     # -- attempts -------------------------------------------------------------------------
     def start_attempt(self, world_size: int, ranks: list[dict] | None = None) -> int:
-        """Begin an attempt: remove uncommitted folders, record it. Returns its number (1-based)."""
+        """Begin an attempt: fall back from a damaged latest checkpoint, remove trainkit's uncommitted
+        folders and temporary files, record it. Returns its number (1-based)."""
+        self.store.unusable = None
+        skipped = [] if self._verified else self._fall_back_to_intact()
+        self._verified = False
+        self._report_skipped(skipped)
         self.clean_uncommitted()
         self._drop_lineage_after(self.latest_index)
         n = self.attempt + 1
         self.state["attempts"].append({"attempt": n, "world_size": world_size, "started": time.time(),
                                        "outcome": "running"})
         self._write()
+        # flushed: on object stores too, the stream shows that this attempt may write checkpoint folders
         self.events.emit(ev.AttemptStarted(attempt=n, world_size=world_size, ranks=tuple(ranks or ()),
-                                           start_index=self.latest_index))
+                                           start_index=self.latest_index), flush=True)
         return n
 
     def end_attempt(self, outcome: str) -> None:
         if self.state["attempts"]:
             self.state["attempts"][-1].update(outcome=outcome, ended=time.time())
 
+    def trainkit_dirs(self) -> set:
+        """Checkpoint folders the manifest or a ``report_committed`` event names (committed once, maybe
+        dropped since). ``clean_uncommitted`` adds every ``checkpoint_<k>`` once the run has had an
+        attempt: the default folder of report k, written before its commit."""
+        known = {c["dir"] for c in self.state["checkpoints"]}
+        known |= {e.checkpoint for e in self.events.events if isinstance(e, ev.ReportCommitted) and e.checkpoint}
+        return known
+
     def clean_uncommitted(self) -> list[str]:
-        """Delete folders in the run directory that the manifest does not name."""
+        """Delete what trainkit wrote and the manifest does not name: uncommitted checkpoint folders
+        (``trainkit_dirs``) and temporary files (``TEMP_NAME``). Other folders are never touched.
+        Returns the names removed."""
         committed = {c["dir"] for c in self.state["checkpoints"]}
-        removed = []
+        known = self.trainkit_dirs()
+        attempted = bool(self.state["attempts"]) or any(isinstance(e, ev.AttemptStarted) for e in self.events.events)
+        removed, kept = [], []
         for d in self.store.list_dirs():
-            if d not in committed and d not in RESERVED and not d.startswith("."):
+            if d in committed or d in RESERVED or d.startswith("."):
+                continue
+            if d in known or (attempted and CHECKPOINT_NAME.fullmatch(d)):
                 self.store.delete_dir(d)
                 removed.append(d)
-        return removed
+            else:
+                kept.append(d)
+        if kept:
+            logger.info("left %s in %s untouched: trainkit did not write %s", ", ".join(kept), self.store.uri,
+                        "it" if len(kept) == 1 else "them")
+        return removed + self.store.remove_temp_files(tuple(sorted(committed)))
 
     def _drop_lineage_after(self, index: int) -> None:
         while self._lineage and self._lineage[-1][0] > index:
@@ -128,13 +200,16 @@ class RunLedger:
 
     # -- commits ------------------------------------------------------------------------
     def commit(self, attempt: int, index: int, metrics: dict, checkpoint_dir: Optional[str] = None,
-               rank_files: Optional[dict] = None, world_size: int = 1, barrier_s: float = 0.0) -> None:
-        """Commit report ``index``. ``rank_files`` maps world rank -> files it wrote."""
+               rank_files: Optional[dict] = None, world_size: int = 1, barrier_s: float = 0.0,
+               step_s: tuple = ()) -> None:
+        """Commit report ``index``. ``rank_files`` maps world rank -> files it wrote; ``step_s`` is each
+        rank's step time (world rank order), for the straggler table."""
         metrics = ev.jsonable(metrics)
         if checkpoint_dir is not None:
+            check_checkpoint_dir_name(checkpoint_dir)
             self._warn_shared_names(rank_files or {}, checkpoint_dir)
             entry = {"index": index, "dir": checkpoint_dir, "metrics": metrics, "attempt": attempt,
-                     "time": time.time()}
+                     "time": time.time(), "files": self._committed_files(index, checkpoint_dir, rank_files or {})}
             ckpts = [c for c in self.state["checkpoints"] if c["index"] < index or c["dir"] != checkpoint_dir]
             ckpts.append(entry)
             self.state["checkpoints"] = ckpts
@@ -149,21 +224,50 @@ class RunLedger:
             self._write()  # the commit point
             for e in retention.delete:
                 if e.dir not in keep_dirs:
-                    self.store.delete_dir(e.dir)
+                    try:
+                        self.store.delete_dir(e.dir)
+                    except StorageError as err:  # committed already; the next attempt's clean-up tries again
+                        logger.warning("could not delete %s, dropped by CheckpointConfig: %s", e.dir, err)
         while self._lineage and self._lineage[-1][0] >= index:
             self._lineage.pop()
         self._lineage.append((index, metrics))
         self.events.emit(ev.ReportCommitted(attempt=attempt, index=index, metrics=metrics,
                                             checkpoint=checkpoint_dir, world_size=world_size,
-                                            barrier_s=round(barrier_s, 6)),
+                                            barrier_s=round(barrier_s, 6), step_s=tuple(step_s)),
                          flush=checkpoint_dir is not None)
+
+    def _committed_files(self, index: int, checkpoint_dir: str, rank_files: dict) -> dict:
+        """Name -> size of every file in the checkpoint folder (one listing), after checking that every
+        file a rank says it wrote is there."""
+        found = self.store.file_sizes(checkpoint_dir) or {}
+        for rank in sorted(rank_files):
+            missing = sorted(f.replace("\\", "/") for f in rank_files[rank] or ()
+                             if f.replace("\\", "/") not in found)
+            if missing:
+                raise CheckpointError(f"report {index}: rank {rank} wrote {missing[:3]} into {checkpoint_dir}, "
+                                      f"but {self.store.uri}/{checkpoint_dir} does not hold "
+                                      f"{'it' if len(missing) == 1 else 'them'}; the checkpoint is not committed")
+        return {n: size for n, size in sorted(found.items()) if not TEMP_NAME.fullmatch(n.rsplit("/", 1)[-1])}
 
     # -- failures and the end ------------------------------------------------------------
     def record_failure(self, attempt: int, failures: list[WorkerFailure], *, kind: str = "failure",
                        will_retry: bool) -> None:
+        """Record a failed attempt. When the storage cannot take the run any more (``RunStore.unusable``:
+        full, read-only, forbidden), no retry could succeed: the run is marked ``failed`` where that can
+        still be written and the ``StorageError`` is raised."""
         self.end_attempt(kind)
-        self.events.emit(ev.WorkerFailed(attempt=attempt, failures=tuple(f.to_dict() for f in failures),
-                                         kind=kind, will_retry=will_retry), flush=True)
+        unusable = self.store.unusable
+        try:
+            self.events.emit(ev.WorkerFailed(attempt=attempt, failures=tuple(f.to_dict() for f in failures),
+                                             kind=kind, will_retry=will_retry and unusable is None), flush=True)
+        except StorageError:
+            if self.store.unusable is None:
+                raise
+        unusable = self.store.unusable
+        if unusable is not None:
+            self.finish("failed", WorkerGroupError(f"the storage cannot take the run any more: {unusable}",
+                                                   failures))
+            raise unusable
 
     def emit(self, event: ev.Event, flush: bool = False) -> None:
         self.events.emit(event, flush=flush)
@@ -191,16 +295,39 @@ class RunLedger:
                            ranks, name, len(shared) - 1, checkpoint_dir)
 
     def finish(self, status: str, error: Optional[TrainingFailedError] = None) -> None:
+        """Record the run's end. A failed or aborted run is recorded where the storage still takes it
+        (a storage failure is logged, not raised: the run's own error is what the caller raises); a
+        finished run whose status cannot be written raises the ``StorageError``. Once failed (or aborted),
+        a second failing ``finish`` changes nothing: the first error is the run's."""
+        if self._finished and status != "finished" and self.state["status"] in ("failed", "aborted"):
+            return
+        self._finished = True
         self.end_attempt(status)
         self.state["status"] = status
         self.state["error"] = error.to_dict() if error is not None else None
-        self._write()
-        self.events.emit(ev.RunFinished(status=status, error=self.state["error"], attempts=self.attempt,
-                                        last_index=self._lineage[-1][0] if self._lineage else 0),
-                         flush=True)
+        try:
+            try:
+                self._resolved = resolve_checkpoints(self.store, self.state)
+                self._report_skipped(self._resolved[2])
+            except StorageError:
+                if status == "finished":
+                    raise
+            self._write()
+            self.events.emit(ev.RunFinished(status=status, error=self.state["error"], attempts=self.attempt,
+                                            last_index=self._lineage[-1][0] if self._lineage else 0),
+                             flush=True)
+        except StorageError as e:
+            if status == "finished":
+                raise
+            logger.warning("could not record status %r of %s: %s", status, self.store.uri, e)
 
     def result(self, return_value: Any = None, error: Optional[BaseException] = None) -> Result:
-        return build_result(self.store, self.state, self._lineage, return_value=return_value, error=error)
+        resolved = self._resolved
+        if resolved is None:
+            resolved = resolve_checkpoints(self.store, self.state)
+            self._report_skipped(resolved[2])
+        return build_result(self.store, self.state, self._lineage, return_value=return_value, error=error,
+                            resolved=resolved)
 
     def _write(self) -> None:
         self.store.write_json_atomic(MANIFEST, self.state)

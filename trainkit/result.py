@@ -3,16 +3,21 @@
 ``metrics`` is the last reported metrics (any report, checkpoint or not) and
 ``metrics_dataframe`` the full report history of the run's final lineage, in every mode.
 (Ray Train 2.60 gives the last *checkpointed* metrics in distributed mode.)
-Runs in the driver.
+``checkpoint`` and ``best_checkpoints`` are verified against the file lists of the
+manifest (``resolve_checkpoints``: one listing, sizes only): a damaged or missing one is
+skipped with a warning, and ``checkpoint`` falls back to the latest intact one.
+Runs in the driver (and in the process that keeps the ledger, which builds ``fit()``'s).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from trainkit import events as ev
-from trainkit.checkpoint import Checkpoint
+from trainkit.checkpoint import Checkpoint, checkpoint_problem
 from trainkit.errors import StorageError, TrainingFailedError
 from trainkit.policies import CheckpointEntry, decide_retention
 from trainkit.storage import EVENTS, MANIFEST, RunStore
@@ -96,19 +101,98 @@ def checkpoint_entries(state: dict) -> list[CheckpointEntry]:
     return [CheckpointEntry(c["index"], c["dir"], c.get("metrics") or {}) for c in state["checkpoints"]]
 
 
-def build_result(store: RunStore, state: dict, rows: list, *, return_value: Any = None,
-                  error: Optional[BaseException] = None) -> Result:
+def checkpoint_of(store: RunStore, entry: dict) -> Checkpoint:
+    """The ``Checkpoint`` of a manifest entry, carrying the file list recorded at its commit."""
+    return Checkpoint._committed(store.path(entry["dir"]), store.fs, entry.get("files"))
+
+
+def verify_entries(store: RunStore, entries: list) -> dict:
+    """``dir -> problem`` (None: intact) for manifest entries: one listing of the run folder (of the
+    one folder, for a single entry), sizes only, no hashing."""
+    entries = [e for e in entries if e is not None]
+    if not entries:
+        return {}
+    if len(entries) == 1:
+        listings = {entries[0]["dir"]: store.file_sizes(entries[0]["dir"])}
+    else:
+        listings: dict = {}
+        for name, size in (store.file_sizes("") or {}).items():
+            top, _, rest = name.partition("/")
+            if rest:
+                listings.setdefault(top, {})[rest] = size
+        for e in entries:  # a folder without files is not in the listing: empty, or missing
+            if e["dir"] not in listings:
+                listings[e["dir"]] = store.file_sizes(e["dir"])
+    return {e["dir"]: checkpoint_problem(e.get("files"), listings.get(e["dir"])) for e in entries}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A committed checkpoint that is not handed out: its manifest entry, what is wrong, and the
+    folder used instead (None: no intact one was left)."""
+
+    entry: dict
+    problem: str
+    fallback: Optional[str] = None
+
+    def message(self, store: RunStore) -> str:
+        instead = f"using {self.fallback} instead" if self.fallback else "no intact checkpoint is left"
+        return (f"checkpoint {self.entry['dir']} (report {self.entry['index']}) of {store.uri} is damaged: "
+                f"{self.problem}; {instead}")
+
+    def event(self) -> ev.CheckpointSkipped:
+        return ev.CheckpointSkipped(dir=self.entry["dir"], index=self.entry["index"], problem=self.problem,
+                                    fallback=self.fallback)
+
+
+def resolve_checkpoints(store: RunStore, state: dict) -> tuple[Optional[dict], list, list]:
+    """``(latest intact entry or None, best intact entries worst -> best, skipped)`` of a manifest.
+
+    Verifies the latest checkpoint and the best ones (one listing); a damaged latest falls back
+    to the newest intact one in commit order."""
     cfg = state.get("checkpoint_config") or {}
+    entries = list(state.get("checkpoints") or [])
     retention = decide_retention(checkpoint_entries(state), cfg.get("num_to_keep"),
                                  cfg.get("checkpoint_score_attribute"),
                                  cfg.get("checkpoint_score_order", "max"))
-    best = [(Checkpoint(store.path(e.dir), store.fs), dict(e.metrics)) for e in retention.best]
-    latest = state.get("latest_checkpoint")
+    by_dir = {c["dir"]: c for c in entries}
+    latest_dir = state.get("latest_checkpoint")
+    wanted = [by_dir[e.dir] for e in retention.best if e.dir in by_dir]
+    if latest_dir in by_dir and by_dir[latest_dir] not in wanted:
+        wanted.append(by_dir[latest_dir])
+    problems = verify_entries(store, wanted)
+    latest = by_dir.get(latest_dir)
+    if latest is not None and problems.get(latest_dir):
+        latest = None
+        for c in reversed(entries):
+            if c["dir"] == latest_dir:
+                continue
+            if c["dir"] not in problems:
+                problems.update(verify_entries(store, [c]))
+            if not problems[c["dir"]]:
+                latest = c
+                break
+    fallback = latest["dir"] if latest is not None else None
+    skipped = [Skipped(by_dir[d], p, fallback if d == latest_dir else None)
+               for d, p in problems.items() if p]
+    best = [by_dir[e.dir] for e in retention.best if e.dir in by_dir and not problems.get(e.dir)]
+    return latest, best, skipped
+
+
+def build_result(store: RunStore, state: dict, rows: list, *, return_value: Any = None,
+                 error: Optional[BaseException] = None, resolved: Optional[tuple] = None) -> Result:
+    """The ``Result`` of a manifest and a lineage; ``resolved``: ``resolve_checkpoints``' answer, if
+    the caller has it (it is computed, and skipped checkpoints warned about, otherwise)."""
+    if resolved is None:
+        resolved = resolve_checkpoints(store, state)
+        warn_skipped(store, resolved[2], stacklevel=5)  # the caller of Result.from_path
+    latest, best_entries, _skipped = resolved
+    best = [(checkpoint_of(store, e), dict(e.get("metrics") or {})) for e in best_entries]
     if error is None and state.get("error"):
         error = TrainingFailedError.from_dict(state["error"])
     return Result(
         metrics=rows[-1][1] if rows else None,
-        checkpoint=Checkpoint(store.path(latest), store.fs) if latest else None,
+        checkpoint=checkpoint_of(store, latest) if latest is not None else None,
         path=store.run_path,
         error=error,
         best_checkpoints=best,
@@ -117,6 +201,12 @@ def build_result(store: RunStore, state: dict, rows: list, *, return_value: Any 
         filesystem=store.fs,
         attempts=len(state.get("attempts", [])),
     )
+
+
+def warn_skipped(store: RunStore, skipped: list, stacklevel: int = 2) -> None:
+    """A ``RuntimeWarning`` per skipped checkpoint, naming it and what is wrong."""
+    for s in skipped:
+        warnings.warn(s.message(store), RuntimeWarning, stacklevel=stacklevel)
 
 
 def split_run_path(path: str) -> tuple[str, str]:

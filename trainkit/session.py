@@ -14,13 +14,14 @@ from the checkpoint of report k makes report k+1 next.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from trainkit.checkpoint import Checkpoint
 from trainkit.errors import ConfigError, SessionError
-from trainkit.storage import RunStore
+from trainkit.storage import RunStore, check_checkpoint_dir_name
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,58 @@ def _find_tensor(obj: Any, path: str = "") -> Optional[str]:
     return None
 
 
+_JSON_VALUES = "a JSON value: a number, a string, True/False, None, or a list or dict of them"
+
+
+def _type_name(v: Any) -> str:
+    t = type(v)
+    return f"<{t.__qualname__}>" if t.__module__ == "builtins" else f"<{t.__module__}.{t.__qualname__}>"
+
+
+def _plain(v: Any, path: str) -> Any:
+    """``v`` as plain JSON types (numpy scalars become Python numbers); ConfigError naming ``path`` else."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(v, np.generic):  # np.float64 is also a float: made plain here too
+        item = v.item()
+        if item is None or isinstance(item, (bool, int, float, str)):
+            return item
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise ConfigError(f"report(metrics){path} key", _type_name(k), "a string key")
+            out[k] = _plain(x, f"{path}[{k!r}]")
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, f"{path}[{i}]") for i, x in enumerate(v)]
+    where = f"report(metrics){path}"
+    if np is not None and isinstance(v, np.ndarray):
+        raise ConfigError(where, _type_name(v), _JSON_VALUES,
+                          hint="call .item() on a one-element array, .tolist() on others, before reporting")
+    if isinstance(v, (bytes, bytearray)):
+        raise ConfigError(where, _type_name(v), _JSON_VALUES, hint="decode bytes to a string before reporting")
+    raise ConfigError(where, _type_name(v), _JSON_VALUES,
+                      hint="metrics are stored as JSON in run_state.json and events.jsonl; report numbers, "
+                           "strings and lists of them")
+
+
 def validate_metrics(metrics: Any) -> dict:
+    """Check a report's metrics before anything is written; returns them as plain JSON types
+    (numpy scalars become Python numbers). A value JSON cannot hold raises ``ConfigError`` naming
+    its key.
+
+    >>> validate_metrics({"loss": 0.5, "epoch": 1})
+    {'loss': 0.5, 'epoch': 1}
+    """
     if not isinstance(metrics, dict):
         raise ConfigError("report(metrics)", type(metrics).__name__, "a dict of metric name -> value")
     hit = _find_tensor(metrics)
     if hit:
         raise ConfigError(f"report(metrics){hit}", "a torch.Tensor",
                           "plain Python values: call .item() (or .tolist()) on tensors before reporting")
-    return metrics
+    return _plain(metrics, "")
 
 
 class Session:
@@ -117,19 +162,19 @@ class Session:
 
     def report(self, metrics: dict, checkpoint: Optional[Checkpoint] = None,
                checkpoint_dir_name: Optional[str] = None) -> None:
-        validate_metrics(metrics)
+        metrics = validate_metrics(metrics)
         if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
             raise ConfigError("report(checkpoint)", type(checkpoint).__name__, "a trainkit.Checkpoint or None")
         index = self.index + 1  # advanced only once the report is committed: a retry reuses it
+        dir_name = files = None
+        if checkpoint is not None:
+            dir_name = checkpoint_dir_name or f"checkpoint_{index}"
+            check_checkpoint_dir_name(dir_name)
         for h in self.hooks:
             fn = getattr(h, "before_report", None)
             if fn:
                 fn(self.context, index, metrics)
-        dir_name = files = None
         if checkpoint is not None:
-            dir_name = checkpoint_dir_name or f"checkpoint_{index}"
-            if "/" in dir_name or dir_name in (".", "..") or dir_name.startswith("."):
-                raise ConfigError("report(checkpoint_dir_name)", dir_name, "a folder name without '/'")
             files = self.store.upload_dir(checkpoint.filesystem, checkpoint.path, dir_name)
         reply = self.coordinator.report(self.info.world_rank, index,
                                         metrics if self.info.world_rank == 0 else None, dir_name, files)

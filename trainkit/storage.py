@@ -3,7 +3,7 @@
 Layout::
 
     <storage_path>/<name>/
-        run_state.json        the manifest: committed checkpoints, attempts, status, error
+        run_state.json        the manifest: committed checkpoints (with their files), attempts, status, error
         events.jsonl          the one event stream (see trainkit.events)
         checkpoint_<index>/   one folder per committed checkpoint (report index)
         diagnostics/          hang dumps and other evidence
@@ -11,31 +11,78 @@ Layout::
 
 Invariants: the manifest is replaced atomically (rename on local disk, one PUT on
 object stores); a checkpoint folder is written in full before the manifest names it.
-Local filesystems take a fast path through ``os``/``shutil``. Runs in the driver,
-the controller and workers alike.
+A run folder belongs to its run: ``ensure`` refuses an existing folder that holds other
+things and no trainkit run (``check_owned``), and nothing outside the names trainkit
+writes is ever deleted. Every failure of the storage is a ``StorageError``
+(``StorageIOError`` for reads and writes: the path, the errno text, what to change);
+a full, read-only or forbidden storage is not retried and is remembered in
+``RunStore.unusable``. Local filesystems take a fast path through ``os``/``shutil``.
+Runs in the driver, the controller and workers alike.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import threading
 import tempfile
 import uuid
-from typing import Any
+from typing import Any, Optional
 
-from trainkit.errors import StorageError
+from trainkit.errors import ConfigError, StorageError
+
+
+class StorageIOError(StorageError, OSError):
+    """A read or write of the run's storage failed; also an ``OSError``, as the failure under it was.
+
+    ``errno`` is that failure's error number (None when the filesystem gave none) and
+    ``filename`` the path; the message names both, says whether trainkit retried, and what
+    to change. Survives pickling (it crosses from the controller and workers to the driver).
+
+    >>> str(StorageIOError("writing /r/run_state.json failed: no space", 28, "/r/run_state.json"))
+    'writing /r/run_state.json failed: no space'
+    """
+
+    def __init__(self, message: str, errno: Optional[int] = None, filename: Optional[str] = None):
+        StorageError.__init__(self, message)
+        self.errno = errno
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.errno, self.filename))
+
 
 MANIFEST = "run_state.json"
 EVENTS = "events.jsonl"
 DIAGNOSTICS = "diagnostics"
 LOGS = "logs"
-RESERVED = frozenset({MANIFEST, EVENTS, DIAGNOSTICS, LOGS, ".trainkit_marker"})
+MARKER = ".trainkit_marker"
+RESERVED = frozenset({MANIFEST, EVENTS, DIAGNOSTICS, LOGS, MARKER})
+# Temporary names trainkit writes and renames away: ``<file>.tmp-<8 hex>`` (an atomic local write) and
+# ``.<file>.<pid>.<thread>.part`` (a checkpoint file being copied). Only these are removed as leftovers.
+TEMP_NAME = re.compile(r"(?:.+\.tmp-[0-9a-f]{8}|\..+\.\d+\.\d+\.part)")
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d+")  # the default checkpoint folder of report k
 
 # Writes are retried (object stores throttle and drop requests); every try passes the fault point,
 # where fault_injection installs a hook (called with the operation and path) that may raise OSError.
 WRITE_TRIES = 4
+# Failures that trying again cannot fix: a full, read-only or forbidden storage.
+NOT_RETRIED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_HINTS = {
+    errno.ENOSPC: "the storage is full: free space there, or set RunConfig.storage_path to a filesystem with room",
+    errno.EDQUOT: "the storage quota is used up: free space there, or set RunConfig.storage_path elsewhere",
+    errno.EROFS: "the storage is read-only: set RunConfig.storage_path to a writable location",
+    errno.EACCES: "permission denied: check the permissions of RunConfig.storage_path (and the credentials, "
+                  "for s3://)",
+}
+_HINTS[errno.EPERM] = _HINTS[errno.EACCES]
+_DEFAULT_HINT = "check RunConfig.storage_path (and credentials / AWS_ENDPOINT_URL for s3://)"
 _fault_hook = None
 
 
@@ -43,6 +90,14 @@ def set_fault_hook(hook) -> None:
     """Install ``hook(operation, path)`` ("write" or "upload"), called before every try; None removes it."""
     global _fault_hook
     _fault_hook = hook
+
+
+def retryable(e: BaseException) -> bool:
+    """Whether trying again may help: OSErrors other than a missing path, a full, read-only or
+    forbidden storage."""
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return False
+    return isinstance(e, OSError) and e.errno not in NOT_RETRIED
 
 
 def _retrying(operation: str, path: str, fn):
@@ -53,12 +108,28 @@ def _retrying(operation: str, path: str, fn):
             if _fault_hook is not None:
                 _fault_hook(operation, path)
             return fn()
-        except (FileNotFoundError, PermissionError):
-            raise
-        except OSError:
-            if attempt == WRITE_TRIES - 1:
+        except OSError as e:
+            if attempt == WRITE_TRIES - 1 or not retryable(e):
                 raise
             time.sleep(0.05 * 2 ** attempt)
+
+
+def _errno_of(e: BaseException) -> Optional[int]:
+    code = getattr(e, "errno", None)
+    if code is None and isinstance(e, PermissionError):
+        return errno.EACCES
+    return code if isinstance(code, int) else None
+
+
+def storage_io_error(action: str, uri: str, e: BaseException) -> StorageIOError:
+    """The ``StorageIOError`` for ``action`` ("writing", "reading", ...) of ``uri`` that failed with ``e``:
+    the path, the errno text, whether it was retried, and what to change."""
+    code = _errno_of(e)
+    name = errno.errorcode.get(code, str(code)) if code is not None else None
+    tried = "not retried" if not retryable(e) else f"after {WRITE_TRIES} tries"
+    detail = f"{name}, {tried}" if name else tried
+    return StorageIOError(f"{action} {uri} failed: {type(e).__name__}: {e} ({detail}); "
+                          f"{_HINTS.get(code, _DEFAULT_HINT)}", code, uri)
 
 
 def resolve_filesystem(path: str, filesystem: Any = None):
@@ -105,10 +176,34 @@ def copy_local_tree(src: str, dst: str) -> list[str]:
         for n in names:
             # copy then rename: two ranks writing the same name never leave a torn file
             tmp = os.path.join(target_root, f".{n}.{os.getpid()}.{threading.get_ident()}.part")
-            shutil.copyfile(os.path.join(root, n), tmp)
-            os.replace(tmp, os.path.join(target_root, n))
+            try:
+                shutil.copyfile(os.path.join(root, n), tmp)
+                os.replace(tmp, os.path.join(target_root, n))
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
             files.append(n if rel_root == "." else os.path.join(rel_root, n))
     return files
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def check_checkpoint_dir_name(name: Any) -> None:
+    """Refuse a ``checkpoint_dir_name`` that is not a plain folder name, or that trainkit itself uses in
+    the run folder (``logs``, ``diagnostics``, ``run_state.json``, ``events.jsonl``, its temp names)."""
+    allowed = "a folder name without '/', not starting with '.', and not one trainkit uses in the run folder"
+    if not isinstance(name, str) or not name:
+        raise ConfigError("report(checkpoint_dir_name)", name, allowed + " (or None for checkpoint_<index>)")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ConfigError("report(checkpoint_dir_name)", name, allowed)
+    if name in RESERVED or TEMP_NAME.fullmatch(name):
+        raise ConfigError("report(checkpoint_dir_name)", name, allowed,
+                          hint=f"{', '.join(sorted(RESERVED - {MARKER}))} and temporary names are trainkit's")
 
 
 class RunStore:
@@ -128,6 +223,8 @@ class RunStore:
         self.run_path = f"{root.rstrip('/')}/{name}" if root.rstrip("/") else name
         if self.local:
             self.run_path = os.path.abspath(self.run_path)
+        # The first failure that retrying cannot fix (full, read-only, forbidden), seen by this process.
+        self.unusable: Optional[StorageIOError] = None
 
     def __reduce__(self):
         return (RunStore, (self.storage_path, self.name, self.fs if self._custom_fs else None))
@@ -148,23 +245,78 @@ class RunStore:
     def path(self, *parts: str) -> str:
         return "/".join([self.run_path, *parts]) if not self.local else os.path.join(self.run_path, *parts)
 
+    def _failed(self, action: str, path: str, e: BaseException) -> StorageIOError:
+        err = storage_io_error(action, to_uri(self.fs, path), e)
+        if err.errno in NOT_RETRIED and self.unusable is None:
+            self.unusable = err
+        return err
+
+    def _io(self, operation: str, action: str, path: str, fn):
+        """Run ``fn`` with retries; any failure becomes a ``StorageIOError`` naming ``path``."""
+        try:
+            return _retrying(operation, path, fn)
+        except (StorageError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every backend's failure is the storage's failure
+            raise self._failed(action, path, e) from e
+
+    # -- the run folder -----------------------------------------------------------------
+    def entries(self) -> Optional[list[str]]:
+        """Names directly in the run folder (folders with a trailing ``/``); None if it does not exist."""
+        try:
+            if self.local:
+                if os.path.isfile(self.run_path):
+                    return [""]  # a file where the folder should be
+                return sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(self.run_path))
+            found = self.fs.ls(self.run_path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("listing", self.run_path, e) from e
+        out = []
+        for info in found:
+            name = info["name"].rstrip("/")
+            if name == self.run_path.rstrip("/"):
+                return [""] if info.get("type") == "file" else []
+            out.append(name.rsplit("/", 1)[-1] + ("/" if info.get("type") == "directory" else ""))
+        return sorted(out)
+
+    def check_owned(self) -> None:
+        """Refuse (``ConfigError``, touching nothing) a run folder that exists and holds things but no
+        trainkit run: no ``run_state.json``, ``events.jsonl`` or ``.trainkit_marker``."""
+        names = self.entries()
+        if not names:
+            return
+        if names == [""]:
+            raise ConfigError("RunConfig.name", self.name, f"the name of a run folder, but {self.uri} is a file",
+                              hint="choose another RunConfig.name or RunConfig.storage_path")
+        if {MANIFEST, EVENTS, MARKER} & set(names):
+            return
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ConfigError("RunConfig.name", self.name,
+                          f"a new run or a trainkit run folder (one with {MANIFEST} or {EVENTS}); {self.uri} "
+                          f"holds {shown} but no {MANIFEST} or {EVENTS}, so it is not a trainkit run",
+                          hint="trainkit left it untouched: choose another RunConfig.name or RunConfig.storage_path")
+
     # -- basic operations -------------------------------------------------------------
     def ensure(self) -> None:
-        """Create the run directory and check that it is writable."""
+        """Check that the run folder is new or a trainkit run's (``check_owned``), create it, and check
+        that it is writable."""
+        self.check_owned()
         try:
             if self.local:
                 os.makedirs(self.run_path, exist_ok=True)
-                probe = self.path(".trainkit_marker")
+                probe = self.path(MARKER)
                 with open(probe, "w") as f:
                     f.write("trainkit\n")
             else:
                 self.fs.makedirs(self.run_path, exist_ok=True)
-                self.fs.pipe_file(self.path(".trainkit_marker"), b"trainkit\n")
+                self.fs.pipe_file(self.path(MARKER), b"trainkit\n")
         except Exception as e:  # noqa: BLE001 - any backend error means unusable storage
-            raise StorageError(
-                f"storage {self.uri!r} is not writable: {type(e).__name__}: {e}. "
-                "Check RunConfig.storage_path (and credentials / AWS_ENDPOINT_URL for s3://)."
-            ) from e
+            err = self._failed("writing", self.path(MARKER), e)
+            hint = _HINTS.get(err.errno, _DEFAULT_HINT)
+            raise StorageIOError(f"storage {self.uri!r} is not writable: {type(e).__name__}: {e}. "
+                                 f"{hint[0].upper()}{hint[1:]}.", err.errno, err.filename) from e
 
     def read_bytes(self, rel: str) -> bytes | None:
         p = self.path(rel)
@@ -175,6 +327,8 @@ class RunStore:
             return self.fs.cat_file(p)
         except FileNotFoundError:
             return None
+        except Exception as e:  # noqa: BLE001
+            raise storage_io_error("reading", to_uri(self.fs, p), e) from e
 
     def read_json(self, rel: str) -> Any:
         data = self.read_bytes(rel)
@@ -186,15 +340,19 @@ class RunStore:
             raise StorageError(f"{self.path(rel)} is not valid JSON: {e}") from e
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        _retrying("write", self.path(rel), lambda: self._write_bytes_atomic(rel, data))
+        self._io("write", "writing", self.path(rel), lambda: self._write_bytes_atomic(rel, data))
 
     def _write_bytes_atomic(self, rel: str, data: bytes) -> None:
         p = self.path(rel)
         if self.local:
             tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, p)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, p)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
         else:
             self.fs.pipe_file(p, data)  # one PUT: atomic on object stores
 
@@ -202,8 +360,20 @@ class RunStore:
         self.write_bytes_atomic(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def append_text(self, rel: str, text: str) -> None:
-        """Append on local disk; rewrite the whole object elsewhere (object stores cannot append)."""
-        _retrying("write", self.path(rel), lambda: self._append_text(rel, text))
+        """Append on local disk; rewrite the whole object elsewhere (object stores cannot append).
+
+        A try after a failed one starts with a newline: a local append that failed half-way left a
+        torn line, and the text must not continue it."""
+        failed = []
+
+        def once():
+            try:
+                self._append_text(rel, "\n" + text if failed and self.local else text)
+            except BaseException:
+                failed.append(True)
+                raise
+
+        self._io("write", "writing", self.path(rel), once)
 
     def _append_text(self, rel: str, text: str) -> None:
         p = self.path(rel)
@@ -223,7 +393,57 @@ class RunStore:
             entries = self.fs.ls(base, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("listing", base, e) from e
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def file_sizes(self, rel: str = "") -> Optional[dict[str, int]]:
+        """Relative name (``/``-separated) -> size in bytes of every file under the run folder's ``rel``
+        (the run folder itself for ""), from one listing; None when that folder does not exist."""
+        base = self.path(rel) if rel else self.run_path
+        try:
+            if self.local:
+                if not os.path.isdir(base):
+                    return None
+                out = {}
+                for root, _dirs, names in os.walk(base):
+                    for n in names:
+                        full = os.path.join(root, n)
+                        try:
+                            out[os.path.relpath(full, base).replace(os.sep, "/")] = os.stat(full).st_size
+                        except FileNotFoundError:  # removed while listing
+                            pass
+                return out
+            found = self.fs.find(base, detail=True)
+            prefix = base.rstrip("/") + "/"
+            out = {name[len(prefix):]: int(info.get("size") or 0) for name, info in found.items()
+                   if name.startswith(prefix) and info.get("type") != "directory"}
+            if not out and not self.fs.isdir(base):
+                return None
+            return out
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("listing", base, e) from e
+
+    def remove_temp_files(self, dirs: tuple = ()) -> list[str]:
+        """Delete trainkit's own leftover temporary files (``TEMP_NAME``) in the run folder and in its
+        folders ``dirs``. Only local disk has them (object stores are written in one PUT per file).
+        Returns the relative names removed."""
+        if not self.local:
+            return []
+        removed = []
+        for rel in ("", *dirs):
+            base = self.path(rel) if rel else self.run_path
+            for root, sub, names in os.walk(base):
+                if not rel:
+                    sub[:] = []  # the run folder's own files only; checkpoint folders are given in dirs
+                for n in names:
+                    if TEMP_NAME.fullmatch(n):
+                        full = os.path.join(root, n)
+                        _remove_quietly(full)
+                        removed.append(os.path.relpath(full, self.run_path))
+        return removed
 
     def delete_dir(self, rel: str) -> None:
         p = self.path(rel)
@@ -234,30 +454,37 @@ class RunStore:
                 self.fs.rm(p, recursive=True)
         except FileNotFoundError:
             pass
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("deleting", p, e) from e
 
     def makedirs(self, rel: str) -> str:
         p = self.path(rel)
-        if self.local:
-            os.makedirs(p, exist_ok=True)
-        else:
-            self.fs.makedirs(p, exist_ok=True)
+        try:
+            if self.local:
+                os.makedirs(p, exist_ok=True)
+            else:
+                self.fs.makedirs(p, exist_ok=True)
+        except Exception as e:  # noqa: BLE001
+            raise self._failed("creating", p, e) from e
         return p
 
     # -- checkpoints --------------------------------------------------------------------
     def upload_dir(self, src_fs, src_path: str, rel_dest: str) -> list[str]:
-        """Copy a checkpoint folder into ``<run>/<rel_dest>/`` (merged). Returns relative file names."""
+        """Copy a checkpoint folder into ``<run>/<rel_dest>/`` (merged). Returns relative file names.
+
+        A missing source folder raises ``FileNotFoundError``; a failed copy, ``StorageIOError``."""
+        check_checkpoint_dir_name(rel_dest)
+        if is_local(src_fs):
+            if os.path.isfile(src_path):
+                raise ConfigError("report(checkpoint)", src_path, "a checkpoint folder",
+                                  hint="it is a file: pass the folder that holds it to Checkpoint.from_directory()")
+            if not os.path.isdir(src_path):
+                raise FileNotFoundError(f"checkpoint folder {src_path!r} does not exist")
         dest = self.path(rel_dest)
-        try:
-            return _retrying("upload", dest, lambda: self._upload_dir(src_fs, src_path, dest, rel_dest))
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise StorageError(f"uploading checkpoint to {to_uri(self.fs, dest)} failed: "
-                               f"{type(e).__name__}: {e}") from e
+        return self._io("upload", "uploading the checkpoint to", dest,
+                        lambda: self._upload_dir(src_fs, src_path, dest, rel_dest))
 
     def _upload_dir(self, src_fs, src_path: str, dest: str, rel_dest: str) -> list[str]:
-        if is_local(src_fs) and not os.path.isdir(src_path):
-            raise FileNotFoundError(f"checkpoint folder {src_path!r} does not exist")
         if self.local and is_local(src_fs):
             return copy_local_tree(src_path, dest)
         if is_local(src_fs):
@@ -270,7 +497,7 @@ class RunStore:
         # remote -> anywhere: go through a local temp folder
         with tempfile.TemporaryDirectory(prefix="trainkit_ckpt_") as tmp:
             src_fs.get(src_path.rstrip("/") + "/", tmp + "/", recursive=True)
-            return self.upload_dir(_local_fs(), tmp, rel_dest)
+            return self._upload_dir(_local_fs(), tmp, dest, rel_dest)
 
 
 def _walk_local(src: str) -> list[str]:

@@ -93,6 +93,7 @@ class Round:
     key: tuple  # ("report", index) or (op, seq)
     started: float  # first arrival (monotonic)
     arrivals: dict = field(default_factory=dict)  # world rank -> payload
+    arrived_at: dict = field(default_factory=dict)  # world rank -> when it arrived (monotonic)
     fut: Optional[asyncio.Future] = None  # the reply every rank of the round awaits
 
 
@@ -103,9 +104,10 @@ class Barrier:
     sleeps until something happens or its own deadline, instead of polling.
     """
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, now: float = 0.0):
         self.world_size = world_size
         self.round: Optional[Round] = None
+        self.released_at = now  # when the last round released its ranks (at first: the attempt's start)
         self.rounds = 0  # rounds closed so far (completed or ended): progress, for a watcher
         self.changed = asyncio.Event()
 
@@ -120,6 +122,7 @@ class Barrier:
         elif rnd.key != key:
             raise different_operations(list(rnd.arrivals), rnd.key, rank, key)
         rnd.arrivals[rank] = payload
+        rnd.arrived_at[rank] = now
         if len(rnd.arrivals) < self.world_size:
             return rnd, False
         self.round = None

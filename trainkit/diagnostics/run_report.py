@@ -26,6 +26,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from trainkit import events as ev
 from trainkit.diagnostics import checks
+from trainkit.diagnostics.steps import step_table, straggler_rows
+from trainkit.diagnostics.suggestions import suggestions
 from trainkit.diagnostics.classify import DESCRIPTIONS
 from trainkit.errors import TrainkitError, WorkerFailure
 from trainkit.storage import DIAGNOSTICS, EVENTS, MANIFEST, RunStore
@@ -48,7 +50,7 @@ class _Part:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, _Part):
+    if isinstance(value, _Part) or hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -239,6 +241,8 @@ class RunReport(_Part):
     events: EventsRead
     problems: tuple[str, ...]  # files that could not be read, said in words
     suggestions: tuple[str, ...]  # what to look at or change, most specific first
+    steps: tuple = ()  # StepRow per rank of the last attempt (trainkit.diagnostics.steps)
+    stragglers: tuple = ()  # StragglerRow per straggler_detected event
     live: Optional[tuple[LiveStack, ...]] = None  # only with --live
 
     @property
@@ -424,12 +428,14 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> RunReport:
     stream = EventsRead(len(events), read.bad_line,
                         read.problem if events_text is not None else "events.jsonl is missing")
     failures, hangs, debuggers = tuple(failures), tuple(hangs), tuple(debuggers)
+    stragglers = straggler_rows(events)
     return RunReport(
         run=store.uri, name=store.name, status=status, attempts=numbered, error=error, failures=failures,
         hangs=hangs, ranks=_rank_table(last, hangs),
         last_index=_last_index(state, events),
         debuggers=debuggers, faults=tuple(faults), events=stream, problems=tuple(problems),
-        suggestions=_suggestions(status, failures, hangs, debuggers, stream),
+        steps=step_table(events, last.attempt if last else None), stragglers=stragglers,
+        suggestions=suggestions(status, failures, hangs, debuggers, stream, stragglers),
     )
 
 
@@ -461,42 +467,3 @@ def _rank_table(attempt: Optional[Attempt], hangs: Sequence[Hang]) -> tuple[Rank
             reached = last_hang.index
         rows.append(RankRow(rank, r.get("node_id", ""), r.get("pid"), committed, reached, h))
     return tuple(rows)
-
-
-def _suggestions(status: str, failures: Sequence[Failure], hangs: Sequence[Hang], debuggers: Sequence[Debugger],
-                 events: EventsRead) -> tuple[str, ...]:
-    out: dict[str, None] = {}  # ordered, without repeats
-    for h in hangs:
-        for r in h.ranks:
-            if r.state != "missing":
-                continue
-            c, rank, where = r.classification, r.world_rank, r.user_frame or "the training function"
-            if c == "user_code":
-                out[f"rank {rank} is busy or blocked in {where}: look for a loop, lock, sleep or I/O there that "
-                    "only some ranks run"] = None
-            elif c == "collective":
-                out[f"rank {rank} waits in a torch.distributed collective at {where}: check that every rank makes "
-                    "the same collectives in the same order (a rank that skips one, or reports one time fewer, "
-                    "leaves the others blocked)"] = None
-            elif c == "data_loading":
-                out[f"rank {rank} waits for data at {where}: check the Dataset/DataLoader worker (a stuck "
-                    "__getitem__, a full disk, a dead worker); DataLoader(timeout=...) turns this into an error"] = None
-            elif c == "report":
-                out[f"rank {rank} is inside report() but has not arrived: a slow checkpoint upload or a report hook; "
-                    "check storage speed and checkpoint size"] = None
-            elif c == "dead":
-                out[f"rank {rank}'s process is gone: look at logs/ and the node's system log (OOM killer)"] = None
-    kinds = {f.worker.kind for f in failures}
-    if "mismatch" in kinds:
-        out["ranks made different numbers of report()/collective calls: make every rank call report() the same "
-            "number of times"] = None
-    if "died" in kinds and status == "failed":  # a run that recovered needs no larger budget
-        out["a worker process died: raise FailureConfig(max_failures=...) to restart from the latest checkpoint, "
-            "and check the node's memory"] = None
-    if hangs and status == "failed" and not debuggers:
-        out["to step through the stuck rank, re-run with TRAINKIT_DEBUG_RANK=<rank> and attach a debugger "
-            "(debugpy) to the port in the debugger_listening event"] = None
-    if events.stopped_at_line:
-        out["events.jsonl is damaged: the run's controller probably died while writing it; what follows the "
-            "damaged line is not shown"] = None
-    return tuple(out)

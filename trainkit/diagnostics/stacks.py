@@ -150,16 +150,48 @@ def dump_many(pids: list, mode: str = "auto") -> list[dict]:
         return list(pool.map(lambda p: dump_local(int(p), mode), pids))
 
 
-_remote_dump = None
+def sample_local(pid: int, duration_s: float = 1.0, interval_s: float = 0.05) -> dict:
+    """Dump ``pid`` again and again for about ``duration_s`` (a straggler's sample, py-spy only):
+    ``{"texts": [dump, ...], "error", "alive"}``."""
+    texts, errors = [], []
+    end = time.monotonic() + duration_s
+    while time.monotonic() < end:
+        d = dump_local(pid, "py-spy", subprocesses=False, timeout_s=min(PYSPY_TIMEOUT_S, duration_s + 1))
+        if d["text"]:
+            texts.append(d["text"])
+        elif d["error"] and d["error"] not in errors:
+            errors.append(d["error"])
+        if not d["alive"]:
+            break
+        time.sleep(interval_s)
+    return {"texts": texts, "error": "; ".join(errors) if not texts else "", "alive": pid_alive(pid)}
 
 
-def _remote():
-    global _remote_dump
-    if _remote_dump is None:
-        import ray
+_remote_fns: dict = {}
 
-        _remote_dump = ray.remote(num_cpus=0, max_retries=0)(dump_many)
-    return _remote_dump
+
+def _remote(fn=None):
+    """``fn`` (``dump_many`` by default) as a Ray task that takes no CPU and is never retried."""
+    import ray
+
+    fn = fn or dump_many
+    if fn not in _remote_fns:
+        _remote_fns[fn] = ray.remote(num_cpus=0, max_retries=0)(fn)
+    return _remote_fns[fn]
+
+
+async def on_node(node_id: str, fn, *args, timeout_s: float = 10.0):
+    """``fn(*args)`` on the node ``node_id``: in a thread when it is the caller's node, else as a
+    Ray task pinned there. Runs in the controller (inside Ray)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not node_id or node_id == ray.get_runtime_context().get_node_id():
+        job = asyncio.to_thread(fn, *args)
+    else:
+        job = _await_ref(_remote(fn).options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id, soft=False)).remote(*args))
+    return await asyncio.wait_for(job, timeout_s)
 
 
 async def capture(targets: list, mode: str = "auto", *, timeout_s: float = 10.0) -> dict:

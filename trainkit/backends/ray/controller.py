@@ -31,6 +31,8 @@ from trainkit.backends.decide import Abort, Fail, Finish, Probe, Resize, StopAft
 from trainkit.backends.ray.state import Attempt, Run
 from trainkit.backends.ray.supervisor import end_with_mismatch, supervise
 from trainkit.backends.ray.worker_group import Group, NotPlaced, WorkerPool, discard, repair
+from trainkit.diagnostics.straggler_monitor import sample_straggler
+from trainkit.diagnostics.stragglers import StragglerWatch, step_times
 from trainkit.errors import ControllerError, ReportError, TrainingFailedError, WorkerFailure
 from trainkit.ledger import RunLedger
 
@@ -148,7 +150,11 @@ class Controller:
                  for r in range(size)]
         number = run.ledger.start_attempt(size, ranks)
         run.capacity.new_attempt()
-        run.attempt = Attempt(number, group, br.Barrier(size), asyncio.get_running_loop().create_future())
+        run.attempt = Attempt(number, group, br.Barrier(size, time.monotonic()),
+                              asyncio.get_running_loop().create_future())
+        sc = run.spec.run_config.straggler_config
+        if sc.enabled:
+            run.attempt.stragglers = StragglerWatch(sc.factor, sc.min_slower_s, sc.reports)
         run.progress.update(attempt=number, world_size=size, status="running")
         return run.attempt
 
@@ -173,6 +179,7 @@ class Controller:
                     attempt.end([attempt.stop])
                 else:
                     rnd.fut.set_result(("ok", value))
+                attempt.barrier.released_at = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a failed commit: every rank gets the error; the attempt ends
                 rnd.fut.set_result(("error", e))
                 attempt.end([attempt.failure(0, kind="exception", exc_type=type(e).__name__, message=str(e))])
@@ -186,13 +193,20 @@ class Controller:
             return rnd.arrivals[0]  # broadcast / barrier: rank 0's payload
         index = rnd.key[1]
         metrics, d, files = br.report_payload(index, rnd.arrivals)
+        steps = step_times(rnd.arrived_at, attempt.barrier.released_at)
         args = (attempt.number, index, metrics, d, files)
-        kw = dict(world_size=attempt.world_size, barrier_s=time.monotonic() - rnd.started)
+        kw = dict(world_size=attempt.world_size, barrier_s=time.monotonic() - rnd.started,
+                  step_s=tuple(steps[r] for r in range(attempt.world_size)))
         if run.store.local:
             run.ledger.commit(*args, **kw)
         else:
             await asyncio.to_thread(run.ledger.commit, *args, **kw)
         run.progress.update(index=index, metrics=metrics)
+        if attempt.stragglers is not None:
+            for straggler in attempt.stragglers.observe(index, steps):  # sampled in the background
+                task = asyncio.ensure_future(sample_straggler(run, attempt, straggler))
+                attempt.tasks.add(task)
+                task.add_done_callback(attempt.tasks.discard)
         sc, cap = run.spec.scaling_config, run.capacity
         step = decide_at_commit(index=index, checkpointed=d is not None, world_size=attempt.world_size,
                                 preempted={r: v[0] for r, v in attempt.preempted.items()}, grow_ready=cap.ready,

@@ -36,6 +36,8 @@ class Attempt:
     preempted: dict = field(default_factory=dict)  # world rank -> (node id, deadline) of a preemption notice
     stop: Optional[WorkerFailure] = None  # set at a commit: end the attempt after it (resize, preemption)
     hang_error: Any = None  # HangConfig(action="fail"): the run ends with this HangDetectedError
+    stragglers: Any = None  # a StragglerWatch (None: StragglerConfig(enabled=False))
+    tasks: set = field(default_factory=set)  # background work of the attempt (straggler samples)
 
     @property
     def world_size(self) -> int:
