@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "default storage) and explain what happened. Reads JSON and text only.")
     d.add_argument("run", metavar="RUN", help="run folder, s3:// URL, or run name under $TRAINKIT_STORAGE_PATH")
     d.add_argument("--live", action="store_true", help="dump fresh stacks of every rank of a running run")
+    d.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="draw the run's timeline per rank (attempts, downtime, reports, faults, failures, hangs, "
+                        "stragglers) to a PNG file")
     _json_option(d, "the report")
     d.set_defaults(entry=diagnose, extra=None)
 
@@ -118,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def diagnose(args: argparse.Namespace) -> int:
-    """``trainkit diagnose RUN [--live] [--json OUT]``: 0 the run is readable and did not fail, 1 it failed or hung.
+    """``trainkit diagnose RUN [--live] [--json OUT] [--plot OUT.png]``: 0 the run is readable and did not fail,
+    1 it failed or hung.
 
     A run that cannot be found raises ``DiagnoseError`` (exit 2 at the boundary). Imports
     no Ray or torch: ``--live`` alone runs py-spy.
@@ -129,10 +133,18 @@ def diagnose(args: argparse.Namespace) -> int:
     from trainkit.diagnostics.render import render_text
     from trainkit.diagnostics.run_report import DiagnoseError, load_report
     from trainkit.errors import StorageError
+    from trainkit.diagnostics.run_report import open_run
     from trainkit.jsonout import STDOUT, write_json
 
+    plot = getattr(args, "plot", None)
+    if plot:  # before any work: the extra, and a file that can be written
+        from trainkit.extras import require
+
+        require("chaos", "trainkit diagnose --plot", ["matplotlib"])
+        _check_output(plot, "--plot")
     try:
-        report = load_report(args.run)
+        store = open_run(args.run)
+        report = load_report(store)
     except StorageError as e:  # the RUN given cannot be opened: a usage error, with diagnose's hint
         raise DiagnoseError(str(e)) from e
     if getattr(args, "live", False):
@@ -146,7 +158,27 @@ def diagnose(args: argparse.Namespace) -> int:
         write_json(report.to_dict(), out, indent=1)
     if out != STDOUT:
         print(render_text(report))
+    if plot:
+        from trainkit import events as ev
+        from trainkit.diagnostics.plot import plot_run
+        from trainkit.storage import EVENTS
+
+        plot_run(ev.parse_events(store.read_bytes(EVENTS) or b"").events, plot, title=f"trainkit run {store.name}")
+        print(f"timeline: {plot}", file=sys.stderr if out == STDOUT else sys.stdout)
     return 1 if report.failed_or_hung else 0
+
+
+def _check_output(path: str, option: str) -> None:
+    """``OutputError`` unless ``path`` can be written (its folder exists and is writable; it is not a folder)."""
+    from trainkit.errors import OutputError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OutputError(f"{option} {path}: not writable")
 
 
 def _silence_stdout() -> None:

@@ -56,6 +56,8 @@ def render_short(report: RunReport) -> str:
         lines.append(f"  {_hang_line(h)}")
     for d in report.debuggers[-2:]:
         lines.append(f"  debugger: rank {d.world_rank} listens on {d.host}:{d.port} ({d.reason})")
+    for s in report.stragglers[-2:]:
+        lines.append(f"  straggler: {s.describe()}")
     if report.events.stopped_at_line:
         lines.append(f"  note: {report.events.problem}")
     lines.append(f"  details: trainkit diagnose {report.run}")
@@ -162,6 +164,15 @@ def render_text(report: RunReport, *, stacks: bool = True) -> str:
             extra = f", {r.state} {r.classification}" if r.state else ""
             lines.append(f"  rank {r.world_rank}: node {str(r.node_id)[:12]}, pid {r.pid}, "
                          f"last committed report {r.last_committed_index}, reached {r.reached_index}{extra}")
+    if report.steps:
+        named = {s.world_rank for s in report.stragglers}
+        lines += ["", "step times of the last attempt (previous report to arrival at the next):"]
+        for r in report.steps:
+            mark = "  <- straggler" if r.world_rank in named else ""
+            lines.append(f"  rank {r.world_rank}: median {r.median_step_s:.3f} s, max {r.max_step_s:.3f} s over "
+                         f"{r.reports} report(s){mark}")
+    if report.stragglers:
+        lines += ["", "stragglers:"] + [f"  {s.describe()}" for s in report.stragglers]
     for d in report.debuggers:
         lines.append(f"debugger: attempt {d.attempt} rank {d.world_rank} listened on {d.host}:{d.port} ({d.reason})")
     if report.live:
