@@ -127,11 +127,12 @@ class WorkerFailure:
     world_rank: int
     node_id: str = ""
     pid: int | None = None
-    kind: str = "exception"  # exception | died | hang | preempted | mismatch
+    kind: str = "exception"  # exception | died | oom | hang | preempted | mismatch
     exc_type: str = ""
     message: str = ""
     traceback: str = ""
     exit_code: int | None = None
+    memory: dict | None = None  # kind "oom": its last RSS samples, limit and the node's memory
 
     def to_dict(self) -> dict:
         return asdict(self)

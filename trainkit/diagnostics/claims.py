@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from typing import Iterator, Optional
 
 
@@ -47,6 +48,7 @@ def claim(run_uri: str, world_rank: int, attempt: int) -> Iterator[None]:
     path = _claim_path(pid)
     try:
         os.makedirs(claims_dir(), exist_ok=True)
+        sweep()
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump({"run": run_uri, "world_rank": world_rank, "attempt": attempt, "started": process_start(pid)}, f)
@@ -59,6 +61,24 @@ def claim(run_uri: str, world_rank: int, attempt: int) -> Iterator[None]:
     finally:
         if written:
             with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+SWEEP_AFTER_S = 60.0  # a gone process's files are kept this long (the controller reads a dead rank's memory file)
+
+
+def sweep() -> None:
+    """Remove the claim and memory files of processes gone for a while (killed ranks leave theirs)."""
+    try:
+        names = os.listdir(claims_dir())
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        pid = name.split(".", 1)[0]
+        path = os.path.join(claims_dir(), name)
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and process_start(int(pid)) is None and now - os.path.getmtime(path) > SWEEP_AFTER_S:
                 os.remove(path)
 
 

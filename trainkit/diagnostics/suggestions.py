@@ -39,6 +39,11 @@ def suggestions(status: str, failures: Sequence, hangs: Sequence, debuggers: Seq
     if "mismatch" in kinds:
         out["ranks made different numbers of report()/collective calls: make every rank call report() the same "
             "number of times"] = None
+    for f in failures:
+        if f.worker.kind == "oom":
+            out[f"rank {f.worker.world_rank} was killed for memory: lower its batch or model size, look for memory "
+                "that grows step after step (tensors kept for logging, a growing cache), or give each worker more "
+                "memory (ScalingConfig(resources_per_worker={'memory': ...}), a larger node)"] = None
     if "died" in kinds and status == "failed":  # a run that recovered needs no larger budget
         out["a worker process died: raise FailureConfig(max_failures=...) to restart from the latest checkpoint, "
             "and check the node's memory"] = None

@@ -13,17 +13,25 @@ Runs in the controller actor.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+
+from ray.exceptions import RayError
 
 from trainkit.backends import barrier as br
 from trainkit.backends.decide import Outcome, root_cause_first
 from trainkit.backends.ray.state import Attempt, Run
 from trainkit.backends.ray.worker_group import resolve
+from trainkit.backends.ray.capacity import alive_nodes
 from trainkit.diagnostics import hang as hang_monitor
+from trainkit.diagnostics import memory, stacks
 from trainkit.errors import ReportError, WorkerFailure
 
 FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
 UNBLOCK_WAIT_S = 0.5  # after an attempt ends, how long ranks released from a barrier may take to return
+OOM_CHECK_S = 2.0  # how long the node of a dead rank may take to say whether it died for memory
+
+logger = logging.getLogger("trainkit.controller")
 
 
 async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outcome:
@@ -81,7 +89,9 @@ async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outc
     for t in pending:
         t.cancel()
     failures = failures or [WorkerFailure(world_rank=-1, kind="interrupted", message="attempt interrupted")]
+    await _tell_oom(failures)
     return Outcome(failures=tuple(root_cause_first(failures)), **seen)
+
 
 def _rank_returned(run: Run, attempt: Attempt, r: int, rec: dict, failures: list) -> None:
     """Rank ``r``'s ``run()`` call ended with ``rec``: a finish, an exception or a death."""
@@ -108,3 +118,22 @@ def end_with_mismatch(attempt: Attempt, rank: int, err: ReportError) -> None:
     """``rank`` broke the barrier's rules: its waiting peers get ``err``, and the attempt ends."""
     attempt.barrier.close(("error", err))
     attempt.end([attempt.failure(rank, kind="mismatch", exc_type="ReportError", message=str(err))])
+
+
+async def _tell_oom(failures: list) -> None:
+    """A dead rank whose node shows it died for memory becomes ``kind="oom"``, with its samples."""
+    deaths = [f for f in failures if f.kind == "died" and f.pid]
+    if not deaths:
+        return
+    alive = alive_nodes()
+    for f in deaths:
+        if f.node_id not in alive:  # a lost node answers no task: a node death, not an OOM
+            continue
+        try:
+            verdict = await stacks.on_node(f.node_id, memory.oom_verdict, int(f.pid), f.message,
+                                           timeout_s=OOM_CHECK_S)
+        except (asyncio.TimeoutError, RayError) as e:
+            logger.debug("no OOM verdict for rank %s: %s", f.world_rank, e)
+            continue
+        if verdict:
+            f.kind, f.message, f.memory = "oom", memory.describe(verdict), verdict

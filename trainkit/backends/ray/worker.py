@@ -23,6 +23,7 @@ import ray
 
 from trainkit.backends import api
 from trainkit.diagnostics import debug as _debug
+from trainkit.diagnostics.memory import MemoryWatch
 from trainkit.errors import ReportError
 from trainkit.session import RankInfo, ReportReply, Session
 
@@ -208,6 +209,7 @@ class RankWorker:
         self._run_ref = (controller, run_id, rank_info.attempt, rank_info.world_rank)
         installed = contextlib.ExitStack()
         installed.enter_context(api.install_session(session))
+        installed.enter_context(MemoryWatch())  # so that a death for memory is told apart (oom)
         emit = lambda event: ray.get(controller.record_event.remote(run_id, rank_info.attempt, event))  # noqa: E731
         try:
             _debug.before_run(session.context, hooks, emit)  # TRAINKIT_DEBUG_RANK: wait for a debugger
