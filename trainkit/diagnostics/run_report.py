@@ -213,6 +213,7 @@ class LiveStack(_Part):
     user_frame: Optional[str] = None
     error: str = ""
     dump_s: Optional[float] = None
+    dumped_on: Optional[str] = None  # the Ray node id whose task took the dump (None: this process)
 
     def to_dict(self) -> dict:
         return super().to_dict() if self.stack is not None else {"world_rank": self.world_rank, "error": self.error}
