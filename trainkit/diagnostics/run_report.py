@@ -436,7 +436,7 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> RunReport:
         last_index=_last_index(state, events),
         debuggers=debuggers, faults=tuple(faults), events=stream, problems=tuple(problems),
         steps=step_table(events, last.attempt if last else None), stragglers=stragglers,
-        suggestions=suggestions(status, failures, hangs, debuggers, stream, stragglers),
+        suggestions=suggestions(status, failures, hangs, debuggers, stream, stragglers, faults),
     )
 
 

@@ -13,14 +13,19 @@ from trainkit.diagnostics.steps import straggler_suggestions
 
 
 def suggestions(status: str, failures: Sequence, hangs: Sequence, debuggers: Sequence,
-                events, stragglers: Sequence = ()) -> tuple[str, ...]:
+                events, stragglers: Sequence = (), faults: Sequence = ()) -> tuple[str, ...]:
     out: dict[str, None] = {}  # ordered, without repeats
+    injected = {(f.attempt, f.world_rank): f for f in faults if f.action in ("hang", "slow")}
     for h in hangs:
         for r in h.ranks:
             if r.state != "missing":
                 continue
             c, rank, where = r.classification, r.world_rank, r.user_frame or "the training function"
-            if c == "user_code":
+            fault = injected.get((h.attempt, rank))
+            if fault is not None:  # the run's own fault plan held it: nothing in the user's code to fix
+                out[f"rank {rank} was held by an injected {fault.action} fault (fault_injected at report "
+                    f"{fault.index}): the hang was the experiment; check that the run handled it as expected"] = None
+            elif c == "user_code":
                 out[f"rank {rank} is busy or blocked in {where}: look for a loop, lock, sleep or I/O there that "
                     "only some ranks run"] = None
             elif c == "collective":
