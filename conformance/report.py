@@ -3,7 +3,8 @@
 ``Collector`` is a pytest plugin object: it records each case's outcome (passed,
 failed, xfailed with its reason, xpassed, skipped with its reason) as pytest reports
 them, prints the table in the terminal summary, and gives the JSON document
-``{backend, version, cases: [{id, category, outcome, reason}]}``. ``render_table`` and
+``{backend, version, cases: [{id, category, outcome, reason}]}`` (written by the shared
+``trainkit.jsonout.write_json``, also importable from here). ``render_table`` and
 ``to_json`` are pure and unit-tested. Runs in the pytest process.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from typing import Any, Optional
+
+from trainkit.jsonout import write_json  # noqa: F401 - the one --json writer, kept importable from here
 
 from conformance.case import CATEGORIES, info_of
 
@@ -151,17 +153,6 @@ def render_table(records: list[dict], backend: str, width: int = 120) -> str:
     for r in notable:
         console.print(f"{r['outcome']:>8}  {r['id']:<14} {r.get('reason', '')}", overflow="fold", highlight=False)
     return buf.getvalue()
-
-
-def write_json(doc: dict, out: str) -> None:
-    """Write ``doc`` to the file ``out`` (``-``: stdout)."""
-    text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
-    if out == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    with open(out, "w") as f:
-        f.write(text)
 
 
 def load_json(path: str) -> Optional[dict[str, Any]]:

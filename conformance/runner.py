@@ -35,10 +35,21 @@ def main(args) -> int:
     """Entry point of ``trainkit conformance`` (``args``: backend, keyword, json)."""
     import pytest
 
+    from trainkit.errors import OutputError
+    from trainkit.jsonout import check_writable, write_json
+
     from conformance.harness import resolve_backend
-    from conformance.report import Collector, write_json
+    from conformance.report import Collector
 
     backend = args.backend
+    out = getattr(args, "json", None)
+    try:  # before any case runs: a path that cannot be written is found now, not after the suite
+        if out:
+            check_writable(out, "--json")
+    except OutputError as e:
+        print(f"error: {e}\nhint: give a file in an existing folder you can write to (--json - for stdout)",
+              file=sys.stderr)
+        return USAGE_ERROR
     try:
         obj = resolve_backend(backend)
     except Exception as e:  # noqa: BLE001 - any load failure is the user's backend name or package
@@ -51,9 +62,12 @@ def main(args) -> int:
 
     collector.version = backend_version(backend, obj)
     rc = pytest.main(pytest_args(backend, getattr(args, "keyword", None)), plugins=[collector])
-    out = getattr(args, "json", None)
     if out:
-        write_json(collector.document(), out)
+        try:
+            write_json(collector.document(), out, indent=2)
+        except OutputError as e:  # the folder went away during the suite
+            print(f"error: {e}", file=sys.stderr)
+            return USAGE_ERROR
     if rc in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.INTERRUPTED):
         print(f"error: pytest ended with {rc!r}", file=sys.stderr)
         return USAGE_ERROR

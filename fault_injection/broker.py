@@ -7,8 +7,15 @@ with a node) and waits; a thread in the driver takes the requests from it, acts 
 cluster, and answers. Node ``i`` of a scenario is the i-th virtual node; each carries the
 custom resource ``tk_node_<i>`` so that placements and ``ray.nodes()`` show which is which.
 
+A node ``preempt`` gives each rank on the node its notice through the rank's actor
+(``RankWorker.preempt(grace_s)``, what the rank's own SIGTERM handler calls), so that the
+``preempted`` event records the scenario's ``grace_s``: a SIGTERM from outside the rank
+cannot carry it. Ranks of a plan with node preemptions register their actor with the
+broker at their first report of each attempt (``register_rank``); a rank not registered in
+time gets the SIGTERM instead. The node is removed after ``grace_s``.
+
 Runs in the driver (``NodeBroker``), in an actor on the head node (``_BrokerActor``),
-and in ranks (``request``).
+and in ranks (``request``, ``register_rank``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, Optional
 
 NODE_RESOURCE = "tk_node_{}"
 REQUEST_TIMEOUT_S = 120.0
+REGISTER_WAIT_S = 10.0  # how long a node preemption waits for the node's ranks to register their actors
 
 
 class _BrokerActor:
@@ -30,6 +38,7 @@ class _BrokerActor:
         self.queue: list = []
         self.waiting: dict[int, asyncio.Future] = {}
         self.n = 0
+        self.ranks: dict[int, Any] = {}  # pid -> the rank's actor handle (register_rank)
 
     async def request(self, op: dict) -> dict:
         self.n += 1
@@ -41,6 +50,12 @@ class _BrokerActor:
     async def take(self) -> list:
         q, self.queue = self.queue, []
         return q
+
+    async def register(self, pid: int, handle) -> None:
+        self.ranks[pid] = handle
+
+    async def handles(self, pids: list) -> dict:
+        return {pid: self.ranks[pid] for pid in pids if pid in self.ranks}
 
     async def done(self, request_id: int, result: dict) -> None:
         fut = self.waiting.pop(request_id, None)
@@ -60,6 +75,18 @@ def request(address: tuple, op: dict) -> dict:
     if result.get("error"):
         raise TrainkitError(f"node fault {op['op']} failed in the driver: {result['error']}")
     return result
+
+
+def register_rank(address: tuple) -> None:
+    """From a rank, at its first report of an attempt: tell the broker this process's actor, so that a
+    node preemption can hand it the grace period. Best effort: a rank that is not an actor is SIGTERMed."""
+    import ray
+
+    try:
+        me = ray.get_runtime_context().current_actor
+        ray.get(ray.get_actor(address[0], namespace=address[1]).register.remote(os.getpid(), me), timeout=30)
+    except Exception:  # noqa: BLE001 - not an actor, or the broker is gone: the SIGTERM path remains
+        pass
 
 
 class NodeBroker:
@@ -191,12 +218,15 @@ class NodeBroker:
         return {"node": index, "node_id": handle.node_id}
 
     def _preempt(self, op: dict) -> dict:
-        """SIGTERM every rank on the node now (the notice), remove the node after ``grace_s``."""
+        """Give every rank on the node the notice now, with ``grace_s``; remove the node after ``grace_s``."""
         with self._lock:
             handle = self._handle(op["node"])
         pids = ranks_on_node(op["store"], handle.node_id)
+        notified = self._notify(pids, float(op.get("grace_s") or 0.0))
         for pid in pids:
-            try:
+            if pid in notified:
+                continue
+            try:  # no actor to tell: the SIGTERM notice (its handler cannot know the grace period)
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
@@ -214,7 +244,37 @@ class NodeBroker:
         t = threading.Thread(target=remove_later, daemon=True)
         t.start()
         self._timers.append(t)
-        return {"node_id": handle.node_id, "pids": pids}
+        return {"node_id": handle.node_id, "pids": pids, "notified": sorted(notified)}
+
+    def _notify(self, pids: list, grace_s: float) -> set:
+        """``preempt(grace_s)`` on the actor of each rank in ``pids``; the pids that took it."""
+        done = set()
+        for pid, rank in self._rank_handles(pids).items():
+            try:
+                self._call(rank.preempt.remote(grace_s))
+                done.add(pid)
+            except Exception:  # noqa: BLE001 - not a RankWorker, or gone: the SIGTERM instead
+                pass
+        return done
+
+    def _rank_handles(self, pids: list) -> dict:
+        """pid -> actor of the ranks that registered, waiting up to REGISTER_WAIT_S for all of them (a rank
+        registers at its first report of an attempt: one behind the triggering rank may not have yet)."""
+        import ray
+
+        deadline = time.monotonic() + REGISTER_WAIT_S
+        while True:
+            try:
+                found = ray.get(self._actor.handles.remote(list(pids)), timeout=10)
+            except Exception:  # noqa: BLE001 - Ray shutting down
+                return {}
+            if len(found) == len(pids) or time.monotonic() > deadline or self._stop.wait(0.1):
+                return found
+
+    def _call(self, ref) -> None:
+        import ray
+
+        ray.get(ref, timeout=30)
 
 
 def ranks_on_node(store, node_id: str) -> list[int]:

@@ -1,14 +1,17 @@
 """``trainkit chaos PATH``: run a scenario on its own local cluster, inject its faults, judge the run.
 
     scenario file --load/validate--> Scenario (exit 2 on a bad file: file, line, key, did you mean)
+    -> --json / --plot paths checked (exit 2 on a path that cannot be written, before anything runs)
     -> moto S3 server if `run.storage: s3` (trainkit_testing.s3.MotoS3)
     -> a private local cluster (trainkit_testing.cluster.Cluster: its own RAY_TMPDIR, fast node-death
        checks): a head node without CPUs (driver, controller, broker) and `cluster.nodes` virtual
        nodes of `cpus_per_node` CPUs, node i carrying resource tk_node_<i>
     -> fit() of the workload with a FaultPlan (and a NodeBroker for node faults), live progress
        on a terminal from the run's events.jsonl
-    -> verdicts from events.jsonl + run_state.json, a verdict table and a text timeline,
-       --json and --plot; everything this started is shut down again.
+    -> verdicts from events.jsonl + run_state.json (a row per fault: it fired; then the scenario's
+       expectations, or without any the default one: the run finished), a verdict table and a
+       text timeline, --json (trainkit.jsonout.write_json) and --plot; everything this started
+       is shut down again.
 
 Exit codes: 0 every expectation holds, 1 some do not, 2 bad scenario or usage.
 ``run_scenario()`` is the same without printing, for tests and benchmarks. Runs in the driver.
@@ -27,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from trainkit.errors import ConfigError, ScenarioError, TrainingFailedError
+from trainkit.errors import ConfigError, OutputError, ScenarioError, TrainingFailedError
+from trainkit.jsonout import check_writable, write_json
 from trainkit_testing.environ import Environ
 
 from fault_injection import faults as F
@@ -49,6 +53,7 @@ class Outcome:
     error: Optional[BaseException] = None
     recoveries: list = field(default_factory=list)
     events_problem: str = ""
+    defaults: bool = False  # the scenario sets no expectation: judged on the default ones
 
     @property
     def passed(self) -> bool:
@@ -151,11 +156,11 @@ def judge(scenario: Scenario, store, elapsed_s: float = 0.0, error: Optional[Bas
 
     read = ev.parse_events(store.read_bytes(EVENTS))
     state = store.read_json(MANIFEST)
-    rows = verdicts.check(scenario.expect, read.events, state, set(store.list_dirs()))
-    if scenario.faults:  # implicit: a verdict over faults that never fired would mean nothing
-        rows.insert(0, verdicts.faults_fired([F.fault_id(f, i) for i, f in enumerate(scenario.faults)], read.events))
+    # every fault fired (a verdict over faults that never fired would mean nothing), then the expectations
+    rows = verdicts.fault_rows(scenario.faults, read.events)
+    rows += verdicts.check(scenario.expect, read.events, state, set(store.list_dirs()))
     return Outcome(scenario.name, rows, store.uri, read.events, state, elapsed_s, error,
-                   verdicts.recovery_times(read.events), read.problem)
+                   verdicts.recovery_times(read.events), read.problem, defaults=scenario.expect.is_default)
 
 
 def _cluster_for(scenario: Scenario, node_faults: bool):
@@ -258,6 +263,13 @@ def _main(args, out, err) -> tuple[int, Optional[str]]:
     except ScenarioError as e:
         _usage_error(err, str(e), "fix the scenario file (its format: docs/chaos.md, docs/scenario.schema.json)")
         return USAGE_ERROR, None
+    try:  # before the cluster starts: a path that cannot be written is found now, not after the run
+        for option in ("json", "plot"):
+            if getattr(args, option, None):
+                check_writable(getattr(args, option), f"--{option}")
+    except OutputError as e:
+        _usage_error(err, str(e), "give a file in an existing folder you can write to (--json - for stdout)")
+        return USAGE_ERROR, None
     backend = getattr(args, "backend", None) or scenario.backend or "ray"
     console.print(f"[bold]trainkit chaos[/]: {scenario.name} ({len(scenario.faults)} fault(s), backend {backend})")
     if scenario.description.strip():  # the whole description, as one paragraph
@@ -271,17 +283,18 @@ def _main(args, out, err) -> tuple[int, Optional[str]]:
         _usage_error(err, str(e), getattr(e, "hint", "") or "check the scenario and the command line")
         return USAGE_ERROR, None
     report(console, outcome, show_timeline=not live)
-    if getattr(args, "plot", None):
-        timeline.plot(outcome.events, args.plot, title=f"trainkit chaos: {scenario.name}")
-        console.print(f"timeline picture: {args.plot}")
-    if getattr(args, "json", None):
-        text = json.dumps(outcome.to_json(), indent=2, default=str)
-        if args.json == "-":
-            out.write(text + "\n")
-            out.flush()
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    try:  # checked before the run; what can still fail here (the folder went away) is an error, not a traceback
+        if getattr(args, "plot", None):
+            try:
+                timeline.plot(outcome.events, args.plot, title=f"trainkit chaos: {scenario.name}")
+            except OSError as e:
+                raise OutputError(f"--plot {args.plot}: cannot write: {e.strerror or e}") from e
+            console.print(f"timeline picture: {args.plot}")
+        if getattr(args, "json", None):
+            write_json(outcome.to_json(), args.json, indent=2, stdout=out)  # `-`: this stream, not Ray's output
+    except OutputError as e:
+        _usage_error(err, str(e), f"the run folder is kept: {outcome.run_path}")
+        return USAGE_ERROR, outcome.run_path
     return (0 if outcome.passed else 1), outcome.run_path
 
 
@@ -356,6 +369,9 @@ def report(console, outcome: Outcome, show_timeline: bool = True) -> None:
     if rec:
         console.print("recovery: " + ", ".join(f"attempt {r['attempt']} {r['fault'] or r['kind']} "
                                                f"{r['recovery_s']:.2f} s" for r in rec), markup=False)
+    if outcome.defaults:
+        console.print("no expectations in the scenario (`expect:`): judged on the defaults, the run finished "
+                      "and every fault fired", markup=False)
     table = Table(title=f"verdict: {outcome.scenario}", title_justify="left")
     for col in ("expectation", "expected", "observed", "pass"):
         table.add_column(col)

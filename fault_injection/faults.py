@@ -29,6 +29,11 @@ NODE_ACTIONS = ("kill_node", "add_node")  # done by the driver-side broker, neve
 
 _SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGSEGV", "SIGABRT", "SIGQUIT", "SIGUSR1")
 
+# Bounds on numbers: a scenario runs for seconds to minutes on a laptop, so anything beyond these is a
+# typo (1e38 for 138) that would otherwise overflow a sleep or a timer, or wait forever, in a worker.
+MAX_COUNT = 10**6  # report indices, attempts, `every`, report and call counts
+MAX_SECONDS = 3600.0  # delay_s, duration_s, grace_s, time_s (and the runner's hang_timeout_s)
+
 
 class Trigger(BaseModel):
     """When a fault fires, checked at each report: one of ``report``, ``metric``, ``time_s``,
@@ -36,12 +41,13 @@ class Trigger(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    report: Optional[int] = Field(None, ge=1, description="report index (1-based) at which the fault fires")
+    report: Optional[int] = Field(None, ge=1, le=MAX_COUNT,
+                                  description="report index (1-based) at which the fault fires")
     metric: Optional[dict[str, Any]] = Field(
         None, description="{name: value}: the first report whose metric `name` equals `value`")
-    time_s: Optional[float] = Field(None, ge=0, description="the first report at least this many seconds "
-                                                            "after the run started")
-    attempt: Optional[int] = Field(None, ge=1, description="only in this attempt (1 = the first)")
+    time_s: Optional[float] = Field(None, ge=0, le=MAX_SECONDS, description="the first report at least this many "
+                                                                           "seconds after the run started")
+    attempt: Optional[int] = Field(None, ge=1, le=MAX_COUNT, description="only in this attempt (1 = the first)")
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -63,10 +69,13 @@ class _Fault(BaseModel):
         None, description="world rank(s) where it fires; `any`: the first rank to get there; `random`: one rank "
                           "chosen with the plan's seed. Default 0. For node actions: the rank that triggers it")
     at: Trigger = Field(description="when the fault fires")
-    every: Optional[float] = Field(None, gt=0, description="fire again every N reports (report trigger) or "
-                                                           "N seconds (time_s trigger); default: once")
+    every: Optional[float] = Field(None, gt=0, le=MAX_COUNT, description="fire again every N reports (report "
+                                                                         "trigger) or N seconds (time_s trigger); "
+                                                                         "default: once")
     when: Literal["before", "after"] = Field("before", description="fire before the report barrier "
                                                                    "(the report is not committed) or after it")
+    optional: bool = Field(False, description="true: the scenario passes even if this fault never fires "
+                                              "(default: a fault that never fired fails the scenario)")
 
     @field_validator("rank")
     @classmethod
@@ -91,7 +100,8 @@ class KillWorker(_Fault):
     """Kill the rank's process with a signal (SIGKILL by default): a crash, a segfault, an OOM kill."""
 
     action: Literal["kill_worker"]
-    signal: Union[int, str] = Field("SIGKILL", description="signal name (SIGKILL, SIGTERM, ...) or number")
+    signal: Union[Annotated[int, Field(ge=1, le=64)], str] = Field(
+        "SIGKILL", description="signal name (SIGKILL, SIGTERM, ...) or number (1..64)")
 
     @field_validator("signal")
     @classmethod
@@ -116,14 +126,14 @@ class Preempt(_Fault):
 
     action: Literal["preempt"]
     node: Optional[int] = Field(None, ge=0, description="preempt this node (index) instead of one rank")
-    grace_s: float = Field(5.0, ge=0, description="seconds between the notice and the kill")
+    grace_s: float = Field(5.0, ge=0, le=MAX_SECONDS, description="seconds between the notice and the kill")
 
 
 class Hang(_Fault):
     """Block the rank (as a deadlock or a stuck collective would), for ``duration_s`` or forever."""
 
     action: Literal["hang"]
-    duration_s: Optional[float] = Field(None, gt=0, description="seconds to block; default: forever")
+    duration_s: Optional[float] = Field(None, gt=0, le=MAX_SECONDS, description="seconds to block; default: forever")
 
 
 class Raise(_Fault):
@@ -144,8 +154,9 @@ class Slow(_Fault):
     """Delay the rank's reports by ``delay_s`` each (a straggler), from the trigger on."""
 
     action: Literal["slow"]
-    delay_s: float = Field(gt=0, description="seconds added to each report")
-    reports: Optional[int] = Field(None, ge=1, description="how many reports are slowed (default: the rest)")
+    delay_s: float = Field(gt=0, le=MAX_SECONDS, description="seconds added to each report")
+    reports: Optional[int] = Field(None, ge=1, le=MAX_COUNT,
+                                   description="how many reports are slowed (default: the rest)")
 
 
 class StorageFault(_Fault):
@@ -155,7 +166,7 @@ class StorageFault(_Fault):
     action: Literal["storage_error"]
     operation: Literal["upload", "write", "any"] = Field(
         "any", description="upload: checkpoint files copied to storage; write: other writes")
-    count: int = Field(1, ge=1, description="how many calls fail")
+    count: int = Field(1, ge=1, le=MAX_COUNT, description="how many calls fail")
     error: str = Field("SlowDown: please reduce your request rate (injected)",
                        description="the OSError's message")
 
@@ -164,7 +175,7 @@ class AddNode(_Fault):
     """Add a node to the cluster (capacity returns; an elastic group grows back)."""
 
     action: Literal["add_node"]
-    cpus: Optional[int] = Field(None, ge=0, description="its CPUs (default: the cluster's cpus_per_node)")
+    cpus: Optional[int] = Field(None, ge=0, le=16, description="its CPUs (default: the cluster's cpus_per_node)")
 
 
 Fault = Annotated[Union[KillWorker, KillNode, Preempt, Hang, Raise, Slow, StorageFault, AddNode],
@@ -175,6 +186,36 @@ FAULT_CLASSES = {c.model_fields["action"].annotation.__args__[0]: c
 
 def fault_id(fault: _Fault, position: int) -> str:
     return fault.name or f"fault{position}"
+
+
+def describe(fault: _Fault, fid: str) -> str:
+    """``fault0 kill_worker rank 1 at report 3``: the fault, its target and its trigger, for verdict rows."""
+    parts = [fid, fault.action]
+    r = fault.rank
+    ranks = (f"rank {r}" if isinstance(r, int) else f"ranks {', '.join(map(str, r))}" if isinstance(r, list)
+             else {"any": "any rank", "random": "a random rank"}.get(r, "rank 0"))
+    if is_node_fault(fault):  # the rank only triggers it: named when the scenario names it
+        if getattr(fault, "node", None) is not None:
+            parts.append(f"node {fault.node}")
+        if r is not None:
+            parts.append(f"via {ranks}")
+    else:
+        parts.append(ranks)
+    t = fault.at
+    word = "after" if fault.when == "after" else "at"
+    if t.report is not None:
+        parts.append(f"{word} report {t.report}" + (f" of attempt {t.attempt}" if t.attempt is not None else ""))
+    elif t.metric is not None:
+        (name, value), = t.metric.items()
+        parts.append(f"{word} metric {name}={value}" + (f" in attempt {t.attempt}" if t.attempt is not None else ""))
+    elif t.time_s is not None:
+        parts.append(f"{word} {t.time_s:g} s" + (f" in attempt {t.attempt}" if t.attempt is not None else ""))
+    else:
+        parts.append(f"{word} the first report of attempt {t.attempt}")
+    if fault.every is not None:
+        unit = ("report" if fault.every == 1 else "reports") if t.report is not None else "s"
+        parts.append(f"every {unit}" if unit == "report" else f"every {fault.every:g} {unit}")
+    return " ".join(parts)
 
 
 def is_node_fault(fault: _Fault) -> bool:

@@ -108,6 +108,9 @@ class _Injector:
         self.broker_address = broker_address
         self._first_index: Optional[int] = None
         self._slow: dict[str, list] = {}  # fault id -> [delay_s, reports left or None]
+        # a node preemption reaches the node's ranks through their actors (broker.register_rank)
+        self._registers = broker_address is not None and any(
+            f.action == "preempt" and F.is_node_fault(f) for f in faults)
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -117,6 +120,10 @@ class _Injector:
     def before_report(self, ctx, index: int, metrics: dict) -> None:
         if self._first_index is None:
             self._first_index = index
+            if self._registers:  # before any fault of this attempt can fire
+                from fault_injection.broker import register_rank
+
+                register_rank(self.broker_address)
         self._apply_slow()
         self._check(ctx, index, metrics, "before")
 
@@ -138,7 +145,7 @@ class _Injector:
                                elapsed_s=time.time() - self.t0, world_rank=rank)
             if key is None:
                 continue
-            params = fault.model_dump(exclude={"name", "rank", "at", "every", "when", "action"}, exclude_none=True)
+            params = fault.model_dump(exclude={"name", "rank", "at", "every", "when", "action", "optional"}, exclude_none=True)
             fields = {"attempt": ctx.get_attempt(), "action": fault.action, "world_rank": rank,
                       "node": getattr(fault, "node", None), "index": index,
                       "detail": {"key": key, "fault": fid, "when": when, **params}}

@@ -13,7 +13,10 @@ A scenario names a workload, a cluster shape, faults and expectations::
     expect: {status: finished, restarts: 1, reports: 8, no_lost_checkpoints: true}
 
 ``load_scenario(path)`` returns a ``Scenario`` or raises ``ScenarioError`` naming the
-file, the line, the key path and, for a typo, the key it meant. ``docs/scenario.schema.json``
+file, the line, the key path and, for a typo, the key it meant. Besides the keys' own
+checks (and their bounds, ``faults.MAX_COUNT`` / ``MAX_SECONDS``) a scenario's faults must
+be able to happen: a target inside the group and the cluster, and a report the workload
+makes where its count is known (``known_reports``). ``docs/scenario.schema.json``
 is ``Scenario.model_json_schema()`` (``python -m fault_injection.scenario --schema``).
 Pure; runs in the driver.
 """
@@ -83,24 +86,31 @@ class Scaling(_Strict):
 
 
 class RunSettings(_Strict):
-    max_failures: int = Field(0, ge=-1, description="FailureConfig.max_failures (-1: unlimited)")
+    max_failures: int = Field(0, ge=-1, le=F.MAX_COUNT, description="FailureConfig.max_failures (-1: unlimited)")
     storage: Literal["local", "s3"] = Field("local", description="s3 starts a moto server on 127.0.0.1")
-    hang_timeout_s: Optional[float] = Field(None, gt=0, description="HangConfig.timeout_s")
+    hang_timeout_s: Optional[float] = Field(None, gt=0, le=F.MAX_SECONDS, description="HangConfig.timeout_s")
     hang_action: Literal["warn", "fail", "restart"] = Field("fail", description="HangConfig.action")
 
 
 class Expect(_Strict):
     status: Optional[Literal["finished", "failed"]] = Field(None, description="how the run ends")
-    restarts: Optional[int] = Field(None, ge=0, description="group restarts (group_restarted events)")
+    restarts: Optional[int] = Field(None, ge=0, le=F.MAX_COUNT, description="group restarts (group_restarted events)")
     final_world_size: Optional[int] = Field(None, ge=1, description="world size of the last committed report")
     min_world_size: Optional[int] = Field(None, ge=1, description="smallest world size of a committed report")
-    reports: Optional[int] = Field(None, ge=0, description="the final lineage holds reports 1..N, each once")
+    reports: Optional[int] = Field(None, ge=0, le=F.MAX_COUNT,
+                                   description="the final lineage holds reports 1..N, each once")
     no_lost_checkpoints: Optional[bool] = Field(
         None, description="every attempt resumed from the latest committed checkpoint, and the manifest's "
                           "latest checkpoint is the last one committed and is in storage")
     error_contains: Optional[str] = Field(None, description="text in the run's final error")
-    max_recovery_s: Optional[float] = Field(None, gt=0, description="from each fault to the next committed "
-                                                                    "report of a later attempt")
+    max_recovery_s: Optional[float] = Field(None, gt=0, le=F.MAX_SECONDS,
+                                            description="from each fault to the next committed report of a "
+                                                        "later attempt")
+
+    @property
+    def is_default(self) -> bool:
+        """No expectation set (no ``expect:``, or an empty one): the run is judged on the defaults."""
+        return all(getattr(self, k) is None for k in type(self).model_fields)
 
 
 class Scenario(_Strict):
@@ -116,7 +126,8 @@ class Scenario(_Strict):
     scaling: Scaling = Field(default_factory=Scaling)
     run: RunSettings = Field(default_factory=RunSettings)
     faults: list[F.Fault] = Field(default_factory=list)
-    expect: Expect = Field(default_factory=Expect)
+    expect: Expect = Field(default_factory=Expect, description="expectations; without any, the run must finish "
+                                                               "(and, as always, every fault must fire)")
 
     @model_validator(mode="after")
     def _fits(self):
@@ -127,11 +138,32 @@ class Scenario(_Strict):
                              f"({self.cluster.nodes} nodes x {self.cluster.cpus_per_node}); "
                              "raise cluster.nodes or cluster.cpus_per_node")
         known = self.cluster.nodes + sum(1 for f in self.faults if f.action == "add_node")
+        world = self.scaling.max_workers
+        reports = known_reports(self.workload)
         for i, f in enumerate(self.faults):
             node = getattr(f, "node", None)
             if node is not None and node >= known:
                 raise _key_error(("faults", i, "node"), f"node {node} is not in the cluster (nodes 0..{known - 1})")
+            ranks = f.rank if isinstance(f.rank, list) else [f.rank] if isinstance(f.rank, int) else []
+            outside = [r for r in ranks if r >= world]
+            if outside:
+                raise _key_error(("faults", i, "rank"), f"rank {outside[0]} is not in the group: scaling.num_workers "
+                                 f"is {self.scaling.num_workers}, so world ranks are 0..{world - 1}")
+            if reports is not None and f.at.report is not None and f.at.report > reports:
+                raise _key_error(("faults", i, "at", "report"),
+                                 f"report {f.at.report} never happens: {self.workload.entry} makes {reports} "
+                                 f"report(s) (workload.config.steps); the fault would never fire")
         return self
+
+
+def known_reports(workload: "Workload") -> Optional[int]:
+    """How many reports the workload makes, where its config says so (counter: ``steps``); else None."""
+    if workload.entry != "trainkit.workloads:counter":
+        return None
+    from trainkit.workloads import COUNTER_DEFAULTS
+
+    steps = workload.config.get("steps", COUNTER_DEFAULTS["steps"])
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
 def resolve_entry(entry: str):
@@ -224,6 +256,9 @@ def _scenario_error(e: ValidationError, root, path: Optional[str], model, prefix
             msg = f"{key}={got!r} is not an action; expected one of {', '.join(F.ACTIONS)}"
     elif kind == "missing":
         msg = f"{key} is required"
+    elif kind in _NUMBER_ERRORS and _bounds_text(loc):
+        value = first.get("input")
+        msg = f"{key}={value!r}: must be {_bounds_text(loc)}"
     elif kind == _KEY_ERROR:  # a cross-field check naming its key path
         ctx = first["ctx"]
         keys = list(ctx["where"])
@@ -247,7 +282,7 @@ def _yaml_path(loc: tuple) -> list:
     for i, part in enumerate(loc):
         if isinstance(part, str) and part in F.FAULT_CLASSES and i > 0 and isinstance(loc[i - 1], int):
             continue
-        if isinstance(part, str) and part.startswith(("int", "list[", "literal[", "function-")):
+        if isinstance(part, str) and part.startswith(("int", "list[", "literal[", "function-", "constrained-")):
             continue
         out.append(part)
     return out
@@ -276,6 +311,38 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if cls is None:
             return []
     return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+_NUMBER_ERRORS = {"int_parsing", "int_parsing_size", "int_from_float", "int_type", "float_parsing", "float_type",
+                  "finite_number", "less_than_equal", "less_than", "greater_than", "greater_than_equal"}
+
+
+def _bounds_text(loc: tuple) -> str:
+    """``an integer, at least 1 and at most 1000000`` for a bounded number field at ``loc`` ('' otherwise)."""
+    *parents, name = [p for p in loc if not isinstance(p, int)]
+    model: Any = Scenario
+    for part in parents:
+        if isinstance(part, str) and part in F.FAULT_CLASSES:
+            model = F.FAULT_CLASSES[part]
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
+            return ""
+    field = model.model_fields.get(name) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    if field is None:
+        return ""
+    bounds = {a: getattr(m, a) for m in field.metadata for a in ("ge", "gt", "le") if hasattr(m, a)}
+    def num(v) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+    words = [f"at least {num(bounds['ge'])}" if "ge" in bounds else f"more than {num(bounds['gt'])}"
+             if "gt" in bounds else "", f"at most {num(bounds['le'])}" if "le" in bounds else ""]
+    words = [w for w in words if w]
+    if not any("most" in w for w in words):
+        return ""
+    kind = "an integer" if int in (field.annotation, *getattr(field.annotation, "__args__", ())) else "a number"
+    return f"{kind}, {' and '.join(words)}"
 
 
 def _model_in(annotation) -> Any:

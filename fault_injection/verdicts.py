@@ -87,16 +87,41 @@ def recovery_times(events: list) -> list[dict]:
     return out
 
 
-def faults_fired(fault_ids: list[str], events: list) -> Row:
-    """Every fault of the scenario fired at least once: a scenario whose fault never fired tested nothing."""
-    fired = {e.detail.get("fault") for e in events if isinstance(e, ev.FaultInjected)}
-    missing = [f for f in fault_ids if f not in fired]
-    return Row("faults_fired", ", ".join(fault_ids), f"never fired: {', '.join(missing)}" if missing else
-               ", ".join(fault_ids), not missing)
+def fault_rows(faults: list, events: list) -> list[Row]:
+    """One row per fault of the scenario: ``fault0 kill_worker rank 1 at report 3``, expected ``fired``.
+
+    A fault that never fired fails its row (the other rows then say nothing about it) unless
+    the fault is ``optional: true``. ``faults`` are the scenario's typed faults, in order.
+    """
+    from fault_injection import faults as F
+
+    fired: dict = {}
+    for e in events:
+        if isinstance(e, ev.FaultInjected):
+            fired[e.detail.get("fault")] = fired.get(e.detail.get("fault"), 0) + 1
+    rows = []
+    for i, fault in enumerate(faults):
+        fid = F.fault_id(fault, i)
+        n = fired.get(fid, 0)
+        observed = "never fired" if not n else "fired" if n == 1 else f"fired {n} times"
+        rows.append(Row(F.describe(fault, fid), "fired (optional)" if fault.optional else "fired", observed,
+                        bool(n) or fault.optional))
+    return rows
+
+
+DEFAULT_STATUS = "finished"  # the expectation of a scenario that sets none: the run finished
 
 
 def check(expect, events: list, state: Optional[dict], existing_dirs: Optional[set] = None) -> list[Row]:
-    """One row per expectation the scenario sets (``expect`` is a ``scenario.Expect``)."""
+    """One row per expectation the scenario sets (``expect`` is a ``scenario.Expect``); with none set, the
+    default one: ``default: run finished``."""
+    if expect.is_default:
+        got = final_status(events)
+        return [Row("default: run finished", DEFAULT_STATUS, got, got == DEFAULT_STATUS)]
+    return _check(expect, events, state, existing_dirs)
+
+
+def _check(expect, events: list, state: Optional[dict], existing_dirs: Optional[set]) -> list[Row]:
     rows = []
     sizes = world_sizes(events)
     if expect.status is not None:

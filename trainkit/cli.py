@@ -134,14 +134,14 @@ def diagnose(args: argparse.Namespace) -> int:
     from trainkit.diagnostics.run_report import DiagnoseError, load_report
     from trainkit.errors import StorageError
     from trainkit.diagnostics.run_report import open_run
-    from trainkit.jsonout import STDOUT, write_json
+    from trainkit.jsonout import STDOUT, check_writable, write_json
 
     plot = getattr(args, "plot", None)
     if plot:  # before any work: the extra, and a file that can be written
         from trainkit.extras import require
 
         require("chaos", "trainkit diagnose --plot", ["matplotlib"])
-        _check_output(plot, "--plot")
+        check_writable(plot, "--plot")
     try:
         store = open_run(args.run)
         report = load_report(store)
@@ -166,19 +166,6 @@ def diagnose(args: argparse.Namespace) -> int:
         plot_run(ev.parse_events(store.read_bytes(EVENTS) or b"").events, plot, title=f"trainkit run {store.name}")
         print(f"timeline: {plot}", file=sys.stderr if out == STDOUT else sys.stdout)
     return 1 if report.failed_or_hung else 0
-
-
-def _check_output(path: str, option: str) -> None:
-    """``OutputError`` unless ``path`` can be written (its folder exists and is writable; it is not a folder)."""
-    from trainkit.errors import OutputError
-
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise OutputError(f"{option} {path} is a folder; give a file name")
-    if not os.path.isdir(folder):
-        raise OutputError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise OutputError(f"{option} {path}: not writable")
 
 
 def _silence_stdout() -> None:

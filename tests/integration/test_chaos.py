@@ -52,3 +52,24 @@ def test_shipped_scenario_passes(name, tmp_path):
     code = main(_args(ROOT / "scenarios" / f"{name}.yaml", tmp_path, json=str(out)))
     verdict = json.loads(out.read_text())
     assert code == 0, [r for r in verdict["expectations"] if not r["passed"]]
+
+
+def test_a_node_preemption_records_the_scenario_grace_and_each_fault_gets_its_row(tmp_path):
+    from trainkit.events import parse_events
+
+    path = tmp_path / "preempt_grace.yaml"
+    path.write_text("version: 1\nname: preempt_grace\n"
+                    "workload: {config: {steps: 6, checkpoint_every: 1, step_s: 0.1}}\n"
+                    "cluster: {nodes: 2, cpus_per_node: 1}\nscaling: {num_workers: [1, 2]}\nrun: {max_failures: 0}\n"
+                    "faults:\n  - {action: preempt, node: 1, grace_s: 2, at: {report: 3}}\n"
+                    "  - {action: raise, name: never, at: {attempt: 9}, optional: true}\n")
+    out = tmp_path / "verdict.json"
+    assert main(_args(path, tmp_path, json=str(out), plot=str(tmp_path / "t.png"))) == 0
+    verdict = json.loads(out.read_text())
+    rows = {r["name"]: r for r in verdict["expectations"]}
+    assert rows["fault0 preempt node 1 at report 3"]["observed"] == "fired"
+    assert rows["never raise rank 0 at the first report of attempt 9"]["passed"] is True  # optional
+    assert rows["default: run finished"]["observed"] == "finished"
+    events = parse_events(pathlib.Path(verdict["run_path"], "events.jsonl").read_bytes()).events
+    notices = [e for e in events if e.type == "preempted"]
+    assert notices and all(e.grace_s == 2.0 for e in notices), notices

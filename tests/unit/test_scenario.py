@@ -135,10 +135,71 @@ def test_chaos_exits_2_on_a_typo_naming_file_line_and_key_before_anything_starts
     assert "hint:" in out
 
 
-def test_a_fault_that_never_fired_fails_the_verdict():
-    fired = ev.FaultInjected(attempt=1, action="kill_worker", world_rank=1, node=None, index=3,
-                             detail={"key": "fault0@r3", "fault": "fault0", "when": "before"})
-    row = verdicts.faults_fired(["fault0", "late"], [fired])
-    assert (row.name, row.passed, row.observed) == ("faults_fired", False, "never fired: late")
-    assert verdicts.faults_fired(["fault0"], [fired]).passed
-    assert not verdicts.faults_fired(["fault0"], []).passed
+def _fired(fid, index=3):
+    return ev.FaultInjected(attempt=1, action="kill_worker", world_rank=1, node=None, index=index,
+                            detail={"key": f"{fid}@r{index}", "fault": fid, "when": "before"})
+
+
+def test_each_fault_gets_its_own_row_and_one_that_never_fired_fails_it():
+    s = parse_scenario("version: 1\nname: x\nworkload: {config: {steps: 6}}\nfaults:\n"
+                       "  - {action: kill_worker, rank: 1, at: {report: 3}}\n"
+                       "  - {action: raise, name: late, at: {report: 6}}\n")
+    rows = verdicts.fault_rows(s.faults, [_fired("fault0")])
+    assert [(r.name, r.expected, r.observed, r.passed) for r in rows] == [
+        ("fault0 kill_worker rank 1 at report 3", "fired", "fired", True),
+        ("late raise rank 0 at report 6", "fired", "never fired", False)]
+    assert [r.passed for r in verdicts.fault_rows(s.faults, [])] == [False, False]
+    again = verdicts.fault_rows(s.faults[:1], [_fired("fault0", 3), _fired("fault0", 5)])[0]
+    assert again.observed == "fired 2 times" and again.passed
+
+
+def test_an_optional_fault_that_never_fired_passes_its_row():
+    s = parse_scenario("version: 1\nname: x\nfaults:\n  - {action: hang, at: {report: 3}, optional: true}\n")
+    (row,) = verdicts.fault_rows(s.faults, [])
+    assert (row.expected, row.observed, row.passed) == ("fired (optional)", "never fired", True)
+    assert '"optional"' in schema_json()
+
+
+def test_a_scenario_without_expectations_is_judged_on_the_run_finishing():
+    events, state = _stream()
+    (row,) = verdicts.check(Expect(), events, state)
+    assert (row.name, row.expected, row.observed, row.passed) == ("default: run finished", "finished", "finished",
+                                                                 True)
+    failed = events[:-1] + [ev.RunFinished(time=200.0, status="failed", attempts=2, last_index=5)]
+    (row,) = verdicts.check(parse_scenario("version: 1\nname: x\n").expect, failed, state)
+    assert (row.observed, row.passed) == ("failed", False)
+    assert [r.name for r in verdicts.check(Expect(restarts=1), events, state)] == ["restarts"]  # no default then
+
+
+_FAULT = "version: 1\nname: x\nworkload: {config: {steps: 4}}\nscaling: {num_workers: 2}\nfaults:\n  - "
+
+
+@pytest.mark.parametrize("fault, key, words", [
+    ("{action: kill_worker, rank: 99, at: {report: 2}}", "faults[0].rank", ["rank 99", "0..1"]),
+    ("{action: kill_worker, rank: [0, 2], at: {report: 2}}", "faults[0].rank", ["rank 2", "0..1"]),
+    ("{action: kill_node, node: 1, rank: 5, at: {report: 2}}", "faults[0].rank", ["rank 5"]),
+    ("{action: kill_worker, rank: 1, at: {report: 10}}", "faults[0].at.report", ["never happens", "4 report"]),
+    ("{action: raise, at: {attempt: 2, report: 5}}", "faults[0].at.report", ["never happens"]),
+    ("{action: kill_worker, at: {report: 1e38}}", "faults[0].at.report", ["at most 1000000"]),
+    ("{action: kill_worker, at: {report: 1.0e+38}}", "faults[0].at.report", ["at most 1000000"]),
+    ("{action: slow, delay_s: 1e300, at: {report: 1}}", "faults[0].delay_s", ["at most 3600"]),
+    ("{action: hang, duration_s: .inf, at: {report: 1}}", "faults[0].duration_s", ["at most 3600"]),
+    ("{action: preempt, grace_s: 1e300, at: {report: 1}}", "faults[0].grace_s", ["at most 3600"]),
+    ("{action: raise, at: {time_s: 1e12}}", "faults[0].at.time_s", ["at most 3600"]),
+    ("{action: kill_worker, signal: 99999999999999999999, at: {report: 1}}", "faults[0].signal", ["64"]),
+])
+def test_a_target_or_trigger_that_cannot_happen_and_absurd_numbers_are_schema_errors(fault, key, words):
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(_FAULT + fault + "\n", "s.yaml")
+    assert (e.value.line, e.value.key) == (6, key), str(e.value)
+    assert str(e.value).startswith(f"s.yaml:6: {key}") and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_targets_inside_the_world_and_triggers_of_unknown_report_counts_load():
+    ok = parse_scenario("version: 1\nname: x\nworkload: {config: {steps: 4}}\ncluster: {nodes: 3}\n"
+                        "scaling: {num_workers: [1, 3]}\nfaults:\n  - {action: kill_worker, rank: 2, at: {report: 4}}\n")
+    assert ok.faults[0].rank == 2  # the elastic group's largest world
+    digits = parse_scenario("version: 1\nname: x\nworkload: {entry: 'trainkit.workloads:digits'}\nfaults:\n"
+                            "  - {action: kill_worker, at: {report: 500}}\n")
+    assert digits.faults[0].at.report == 500  # its report count depends on the data: not checked
+    assert parse_scenario("version: 1\nname: x\nfaults:\n  - {action: raise, at: {report: 10}}\n").faults
