@@ -10,8 +10,8 @@ Swap ``ray.train`` for ``trainkit`` in a Ray Train V2 program:
 from trainkit import collective
 from trainkit.checkpoint import Checkpoint
 from trainkit.config import CheckpointConfig, FailureConfig, HangConfig, RunConfig, ScalingConfig, StragglerConfig
-from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, ScenarioError,
-                             StorageError, TrainingFailedError, TrainkitError, WorkerGroupError)
+from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, RunOwnedError,
+                             ScenarioError, StorageError, TrainingFailedError, TrainkitError, WorkerGroupError)
 from trainkit.result import Result
 from trainkit.session import (ReportedCheckpoint, TrainContext, get_all_reported_checkpoints, get_checkpoint,
                               get_context, get_dataset_shard, report)
@@ -24,6 +24,6 @@ __all__ = [
     "Result",
     "DataParallelTrainer", "TrainContext", "ReportedCheckpoint",
     "report", "get_checkpoint", "get_all_reported_checkpoints", "get_context", "get_dataset_shard", "collective",
-    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "CheckpointError", "TrainingFailedError",
+    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "RunOwnedError", "CheckpointError", "TrainingFailedError",
     "WorkerGroupError", "ControllerError", "HangDetectedError",
 ]

@@ -104,6 +104,26 @@ class StorageError(TrainkitError):
     """The run's storage cannot be reached, read or written."""
 
 
+class RunOwnedError(ConfigError, StorageError):
+    """The run folder belongs to another driver: its lease (``owner.json``) is live.
+
+    Raised at once by a second ``fit()`` with the same ``RunConfig.name`` and
+    ``storage_path``, and by a driver whose run another driver has taken over. The message
+    names the owner (host, pid, since when) and what to do; ``owner`` is its lease as data.
+
+    >>> str(RunOwnedError("run /r/x is owned by pid 7 on h", {"pid": 7, "host": "h"}))
+    'run /r/x is owned by pid 7 on h'
+    """
+
+    def __init__(self, message: str, owner: dict | None = None):
+        ConfigError.__init__(self, message)
+        self.message = message
+        self.owner = dict(owner or {})
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.owner))
+
+
 class OutputError(TrainkitError):
     """A command cannot write a file it was told to write (``--json OUT``, ``--plot OUT``)."""
 
@@ -235,6 +255,6 @@ _FAILED_KINDS = {c.__name__: c for c in (TrainingFailedError, WorkerGroupError, 
                                          HangDetectedError)}
 
 __all__ = [
-    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "CheckpointError", "ReportError", "SessionError",
+    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "RunOwnedError", "CheckpointError", "ReportError", "SessionError",
     "WorkerFailure", "TrainingFailedError", "WorkerGroupError", "ControllerError", "HangDetectedError",
 ]

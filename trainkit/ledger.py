@@ -15,6 +15,13 @@ nothing else is. Before a run resumes, its latest checkpoint is checked against 
 list; a damaged one is dropped (``checkpoint_skipped``) and the run resumes from the
 newest intact one.
 
+The ledger writes only while its driver owns the run (``trainkit.lease``): every manifest
+write and event goes through ``Lease.check``, and a run another driver took over ends with
+``RunOwnedError`` instead of being retried. When it opens a run whose previous ``fit()``
+never recorded its end (its driver is gone), that fit's ``running`` attempts become
+``aborted`` and a ``run_finished`` (``aborted``, with the reason) closes it before the new
+``run_started``.
+
 A storage that cannot take the run any more (full, read-only, forbidden: ``RunStore.unusable``)
 ends it: ``record_failure`` records what it still can, marks the run ``failed`` where that
 can be written and raises the ``StorageError`` instead of letting the attempt be retried.
@@ -29,11 +36,13 @@ from typing import Any, Optional
 from trainkit import events as ev
 from trainkit.checkpoint import Checkpoint
 from trainkit.config import CheckpointConfig
-from trainkit.errors import CheckpointError, StorageError, TrainingFailedError, WorkerFailure, WorkerGroupError
+from trainkit.errors import (CheckpointError, RunOwnedError, StorageError, TrainingFailedError, WorkerFailure,
+                             WorkerGroupError)
+from trainkit.lease import Lease, driver_gone_error
 from trainkit.policies import decide_retention
-from trainkit.result import (Result, Skipped, build_result, checkpoint_entries, checkpoint_of, lineage,
-                             resolve_checkpoints, verify_entries)
-from trainkit.storage import (CHECKPOINT_NAME, EVENTS, MANIFEST, RESERVED, TEMP_NAME, RunStore,
+from trainkit.result import (Result, Skipped, aborted_state, build_result, checkpoint_entries, checkpoint_of,
+                             lineage, resolve_checkpoints, verify_entries)
+from trainkit.storage import (CHECKPOINT_NAME, EVENTS, MANIFEST, OWNER, RESERVED, TEMP_NAME, RunStore,
                               check_checkpoint_dir_name)
 
 logger = logging.getLogger("trainkit")
@@ -60,20 +69,27 @@ def _ckpt_cfg_dict(c: CheckpointConfig) -> dict:
 
 
 class RunLedger:
-    """Commits reports for one run. Not thread-safe: one coordinator calls it."""
+    """Commits reports for one run. Not thread-safe: one coordinator calls it.
+
+    ``lease``: the run's lease (``trainkit.lease``), taken by the driver before the ledger opens;
+    None only where the caller owns the folder otherwise (tests)."""
 
     def __init__(self, store: RunStore, checkpoint_config: CheckpointConfig, *, backend: str = "",
-                 num_workers: Any = None):
+                 num_workers: Any = None, lease: Optional[Lease] = None):
         self.store = store
         self.config = checkpoint_config
+        self.lease = lease
         self._warned_shared = False
         store.ensure()  # refuses a folder that is not a trainkit run's, touching nothing
         state = store.read_json(MANIFEST)
         data = store.read_bytes(EVENTS)
         read = ev.parse_events(data or b"")
+        data = self._repair_torn_events(data, read)
         self.events = ev.EventLog(store, read.events, torn=bool(data) and not data.endswith(b"\n"))
         if state is None:
             state = _new_state(store.name, checkpoint_config)
+        else:
+            state = self._close_gone_fit(state, read.events)
         state["status"] = "running"
         state["error"] = None
         state["checkpoint_config"] = _ckpt_cfg_dict(checkpoint_config)
@@ -85,10 +101,62 @@ class RunLedger:
         self._verified = True  # the latest checkpoint was just checked: the first attempt need not again
         self._drop_lineage_after(self.latest_index)
         self._write()
-        self.events.emit(ev.RunStarted(name=store.name, path=store.uri, backend=backend,
-                                       num_workers=num_workers,
-                                       resumed_from_index=self.latest_index or None))
+        self._repair_history()
+        self._emit(ev.RunStarted(name=store.name, path=store.uri, backend=backend, num_workers=num_workers,
+                                 resumed_from_index=self.latest_index or None))
         self._report_skipped(skipped)
+
+    def _repair_torn_events(self, data: Optional[bytes], read) -> Optional[bytes]:
+        """Rewrite ``events.jsonl`` without the torn lines that interrupted writes left (the ones
+        readers skip, and a cut-off last line), keeping every complete event byte for byte. Only for
+        that damage: a file that stops at another unreadable line is left as it is, for diagnose."""
+        if not data:
+            return data
+        lines = data.split(b"\n")
+        tail = not data.endswith(b"\n")
+        if read.bad_line is not None and not (tail and read.bad_line == len(lines)):
+            return data
+        torn = set(read.skipped) | ({len(lines)} if tail else set())
+        if not torn:
+            return data
+        fixed = b"".join(line + b"\n" for i, line in enumerate(lines, start=1) if i not in torn and line.strip())
+        self.store.write_bytes_atomic(EVENTS, fixed)
+        logger.warning("%s: removed %d torn line(s) an interrupted write left in %s", self.store.uri, len(torn),
+                       EVENTS)
+        return fixed
+
+    def _repair_history(self) -> None:
+        """Put back into the event stream a report whose checkpoint the manifest committed but whose
+        ``report_committed`` event was never written (the event write failed after the commit point:
+        a full disk, a driver killed in between), from its manifest entry: the history then holds
+        every committed report, and a resume from that checkpoint continues it without a gap."""
+        last = self._lineage[-1][0] if self._lineage else 0
+        for c in sorted(self.state["checkpoints"], key=lambda c: c["index"]):
+            if c["index"] > last:
+                metrics = c.get("metrics") or {}
+                self._emit(ev.ReportCommitted(attempt=c.get("attempt", 0), index=c["index"], metrics=metrics,
+                                              checkpoint=c["dir"], world_size=0), flush=True)
+                self._lineage.append((c["index"], metrics))
+                last = c["index"]
+
+    def _close_gone_fit(self, state: dict, events: list) -> dict:
+        """A previous fit() that did not record its end (its driver is gone: the lease is this driver's now):
+        its ``running`` attempts become ``aborted``, and a ``run_finished`` (``aborted``) says why."""
+        running = state.get("status") == "running"
+        if not running and not any(a.get("outcome") == "running" for a in state.get("attempts") or []):
+            return state
+        previous = self.lease.previous if self.lease is not None else None
+        reason = (self.lease.previous_gone if self.lease is not None and self.lease.previous_gone
+                  else f"no driver held its lease ({OWNER})")
+        error = driver_gone_error(reason, previous)
+        ended = previous.renewed_at if previous is not None else (events[-1].time if events else None)
+        state = aborted_state(state, error, ended)
+        if running:
+            logger.warning("%s: the previous fit() did not end: %s", self.store.uri, error.message)
+            rows = lineage(events)
+            self._emit(ev.RunFinished(status="aborted", error=error.to_dict(), attempts=len(state["attempts"]),
+                                      last_index=rows[-1][0] if rows else 0), flush=True)
+        return state
 
     # -- reading ------------------------------------------------------------------------
     @property
@@ -140,7 +208,7 @@ class RunLedger:
     def _report_skipped(self, skipped: list) -> None:
         for s in skipped:
             logger.warning("%s", s.message(self.store))
-            self.events.emit(s.event(), flush=True)
+            self._emit(s.event(), flush=True)
 
     # -- attempts -------------------------------------------------------------------------
     def start_attempt(self, world_size: int, ranks: list[dict] | None = None) -> int:
@@ -157,8 +225,8 @@ class RunLedger:
                                        "outcome": "running"})
         self._write()
         # flushed: on object stores too, the stream shows that this attempt may write checkpoint folders
-        self.events.emit(ev.AttemptStarted(attempt=n, world_size=world_size, ranks=tuple(ranks or ()),
-                                           start_index=self.latest_index), flush=True)
+        self._emit(ev.AttemptStarted(attempt=n, world_size=world_size, ranks=tuple(ranks or ()),
+                                     start_index=self.latest_index), flush=True)
         return n
 
     def end_attempt(self, outcome: str) -> None:
@@ -205,6 +273,7 @@ class RunLedger:
         """Commit report ``index``. ``rank_files`` maps world rank -> files it wrote; ``step_s`` is each
         rank's step time (world rank order), for the straggler table."""
         metrics = ev.jsonable(metrics)
+        self._guard()  # before the checkpoint's manifest entry and its event: the run is still this driver's
         if checkpoint_dir is not None:
             check_checkpoint_dir_name(checkpoint_dir)
             self._warn_shared_names(rank_files or {}, checkpoint_dir)
@@ -231,10 +300,9 @@ class RunLedger:
         while self._lineage and self._lineage[-1][0] >= index:
             self._lineage.pop()
         self._lineage.append((index, metrics))
-        self.events.emit(ev.ReportCommitted(attempt=attempt, index=index, metrics=metrics,
-                                            checkpoint=checkpoint_dir, world_size=world_size,
-                                            barrier_s=round(barrier_s, 6), step_s=tuple(step_s)),
-                         flush=checkpoint_dir is not None)
+        self._emit(ev.ReportCommitted(attempt=attempt, index=index, metrics=metrics, checkpoint=checkpoint_dir,
+                                      world_size=world_size, barrier_s=round(barrier_s, 6), step_s=tuple(step_s)),
+                   flush=checkpoint_dir is not None)
 
     def _committed_files(self, index: int, checkpoint_dir: str, rank_files: dict) -> dict:
         """Name -> size of every file in the checkpoint folder (one listing), after checking that every
@@ -258,8 +326,8 @@ class RunLedger:
         self.end_attempt(kind)
         unusable = self.store.unusable
         try:
-            self.events.emit(ev.WorkerFailed(attempt=attempt, failures=tuple(f.to_dict() for f in failures),
-                                             kind=kind, will_retry=will_retry and unusable is None), flush=True)
+            self._emit(ev.WorkerFailed(attempt=attempt, failures=tuple(f.to_dict() for f in failures),
+                                       kind=kind, will_retry=will_retry and unusable is None), flush=True)
         except StorageError:
             if self.store.unusable is None:
                 raise
@@ -270,7 +338,7 @@ class RunLedger:
             raise unusable
 
     def emit(self, event: ev.Event, flush: bool = False) -> None:
-        self.events.emit(event, flush=flush)
+        self._emit(event, flush=flush)
 
     def record_fault(self, fields: dict) -> bool:
         """Emit a ``fault_injected`` event from its fields, unless one with the same ``detail["key"]`` is
@@ -279,7 +347,7 @@ class RunLedger:
         if key is not None and any(isinstance(e, ev.FaultInjected) and e.detail.get("key") == key
                                    for e in self.events.events):
             return False
-        self.events.emit(ev.FaultInjected(**fields), flush=True)
+        self._emit(ev.FaultInjected(**fields), flush=True)
         return True
 
     def _warn_shared_names(self, rank_files: dict, checkpoint_dir: str) -> None:
@@ -313,9 +381,8 @@ class RunLedger:
                 if status == "finished":
                     raise
             self._write()
-            self.events.emit(ev.RunFinished(status=status, error=self.state["error"], attempts=self.attempt,
-                                            last_index=self._lineage[-1][0] if self._lineage else 0),
-                             flush=True)
+            self._emit(ev.RunFinished(status=status, error=self.state["error"], attempts=self.attempt,
+                                      last_index=self._lineage[-1][0] if self._lineage else 0), flush=True)
         except StorageError as e:
             if status == "finished":
                 raise
@@ -329,7 +396,23 @@ class RunLedger:
         return build_result(self.store, self.state, self._lineage, return_value=return_value, error=error,
                             resolved=resolved)
 
+    def _guard(self) -> None:
+        """Raise ``RunOwnedError`` once the run is no longer this driver's (another took it over): remembered
+        as the storage's ``unusable``, so that the attempt is not retried and nothing more is written."""
+        if self.lease is None:
+            return
+        try:
+            self.lease.check()
+        except RunOwnedError as e:
+            self.store.unusable = e
+            raise
+
+    def _emit(self, event: ev.Event, flush: bool = False) -> None:
+        self._guard()
+        self.events.emit(event, flush=flush)
+
     def _write(self) -> None:
+        self._guard()
         self.store.write_json_atomic(MANIFEST, self.state)
 
 

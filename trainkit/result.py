@@ -6,6 +6,8 @@
 ``checkpoint`` and ``best_checkpoints`` are verified against the file lists of the
 manifest (``resolve_checkpoints``: one listing, sizes only): a damaged or missing one is
 skipped with a warning, and ``checkpoint`` falls back to the latest intact one.
+A reader shows a ``running`` run whose driver is gone (``trainkit.lease.stale_owner``) as
+``aborted``, with the error that says so (``shown_state``), and writes nothing.
 Runs in the driver (and in the process that keeps the ledger, which builds ``fit()``'s).
 """
 
@@ -19,6 +21,7 @@ from typing import Any, Optional
 from trainkit import events as ev
 from trainkit.checkpoint import Checkpoint, checkpoint_problem
 from trainkit.errors import StorageError, TrainingFailedError
+from trainkit.lease import driver_gone_error, stale_owner
 from trainkit.policies import CheckpointEntry, decide_retention
 from trainkit.storage import EVENTS, MANIFEST, RunStore
 
@@ -218,12 +221,52 @@ def split_run_path(path: str) -> tuple[str, str]:
     return parent, name
 
 
-def load_result(path: str, filesystem: Any = None) -> Result:
+def aborted_state(state: dict, error: TrainingFailedError, ended: Optional[float]) -> dict:
+    """A copy of the manifest of a run whose driver is gone, as that driver would have ended it: its
+    ``running`` attempts ``aborted`` (``ended`` when unknown), a ``running`` status ``aborted`` with ``error``."""
+    out = dict(state)
+    out["attempts"] = [dict(a, outcome="aborted", ended=a.get("ended") or ended) if a.get("outcome") == "running"
+                       else a for a in state.get("attempts") or []]
+    if out.get("status") == "running":
+        out["status"] = "aborted"
+        out["error"] = out.get("error") or error.to_dict()
+    return out
+
+
+def shown_state(store: RunStore, state: dict) -> dict:
+    """The manifest as a reader should see it: unchanged while a driver may hold the run's lease; with the
+    ``running`` status and attempts ``aborted`` (``aborted_state``) when its driver is gone. Writes nothing."""
+    if state.get("status") != "running" and not any(a.get("outcome") == "running"
+                                                    for a in state.get("attempts") or []):
+        return state
+    stale = stale_owner(store)
+    if stale is None:
+        return state
+    owner, reason = stale
+    return aborted_state(state, driver_gone_error(reason, owner), owner.renewed_at if owner else None)
+
+
+def load_state(path: str, filesystem: Any = None) -> dict:
+    """``run_state.json`` of the run folder ``path``, as ``shown_state`` shows it.
+
+    >>> load_state("/tmp/trainkit_results/my_run")["status"]  # doctest: +SKIP
+    'aborted'
+    """
+    store, state = _open(path, filesystem)
+    return shown_state(store, state)
+
+
+def _open(path: str, filesystem: Any) -> tuple[RunStore, dict]:
     parent, name = split_run_path(path)
     store = RunStore(parent, name, filesystem)
     state = store.read_json(MANIFEST)
     if state is None:
         raise StorageError(f"{store.uri} has no {MANIFEST}: it is not a trainkit run folder "
                            "(or the run never started)")
+    return store, state
+
+
+def load_result(path: str, filesystem: Any = None) -> Result:
+    store, state = _open(path, filesystem)
     read = ev.parse_events(store.read_bytes(EVENTS) or b"")
-    return build_result(store, state, lineage(read.events))
+    return build_result(store, shown_state(store, state), lineage(read.events))

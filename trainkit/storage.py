@@ -8,6 +8,7 @@ Layout::
         checkpoint_<index>/   one folder per committed checkpoint (report index)
         diagnostics/          hang dumps and other evidence
         logs/                 per attempt and rank stdout/stderr
+        owner.json            the lease of the driver that owns the run while it runs (trainkit.lease)
 
 Invariants: the manifest is replaced atomically (rename on local disk, one PUT on
 object stores); a checkpoint folder is written in full before the manifest names it.
@@ -22,7 +23,6 @@ Runs in the driver, the controller and workers alike.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -33,29 +33,9 @@ import uuid
 from typing import Any, Optional
 
 from trainkit.errors import ConfigError, StorageError
-
-
-class StorageIOError(StorageError, OSError):
-    """A read or write of the run's storage failed; also an ``OSError``, as the failure under it was.
-
-    ``errno`` is that failure's error number (None when the filesystem gave none) and
-    ``filename`` the path; the message names both, says whether trainkit retried, and what
-    to change. Survives pickling (it crosses from the controller and workers to the driver).
-
-    >>> str(StorageIOError("writing /r/run_state.json failed: no space", 28, "/r/run_state.json"))
-    'writing /r/run_state.json failed: no space'
-    """
-
-    def __init__(self, message: str, errno: Optional[int] = None, filename: Optional[str] = None):
-        StorageError.__init__(self, message)
-        self.errno = errno
-        self.filename = filename
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-    def __reduce__(self):
-        return (type(self), (str(self), self.errno, self.filename))
+# The storage layer's error and retry names, re-exported: callers import them from here.
+from trainkit.storage_io import (NOT_RETRIED, WRITE_TRIES, StorageIOError, errno_of, fault_hook,  # noqa: F401
+                                 hint_for, retryable, retrying, set_fault_hook, storage_io_error)
 
 
 MANIFEST = "run_state.json"
@@ -63,74 +43,12 @@ EVENTS = "events.jsonl"
 DIAGNOSTICS = "diagnostics"
 LOGS = "logs"
 MARKER = ".trainkit_marker"
-RESERVED = frozenset({MANIFEST, EVENTS, DIAGNOSTICS, LOGS, MARKER})
+OWNER = "owner.json"  # the lease of the driver that owns the run (trainkit.lease)
+RESERVED = frozenset({MANIFEST, EVENTS, DIAGNOSTICS, LOGS, MARKER, OWNER})
 # Temporary names trainkit writes and renames away: ``<file>.tmp-<8 hex>`` (an atomic local write) and
 # ``.<file>.<pid>.<thread>.part`` (a checkpoint file being copied). Only these are removed as leftovers.
 TEMP_NAME = re.compile(r"(?:.+\.tmp-[0-9a-f]{8}|\..+\.\d+\.\d+\.part)")
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d+")  # the default checkpoint folder of report k
-
-# Writes are retried (object stores throttle and drop requests); every try passes the fault point,
-# where fault_injection installs a hook (called with the operation and path) that may raise OSError.
-WRITE_TRIES = 4
-# Failures that trying again cannot fix: a full, read-only or forbidden storage.
-NOT_RETRIED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-_HINTS = {
-    errno.ENOSPC: "the storage is full: free space there, or set RunConfig.storage_path to a filesystem with room",
-    errno.EDQUOT: "the storage quota is used up: free space there, or set RunConfig.storage_path elsewhere",
-    errno.EROFS: "the storage is read-only: set RunConfig.storage_path to a writable location",
-    errno.EACCES: "permission denied: check the permissions of RunConfig.storage_path (and the credentials, "
-                  "for s3://)",
-}
-_HINTS[errno.EPERM] = _HINTS[errno.EACCES]
-_DEFAULT_HINT = "check RunConfig.storage_path (and credentials / AWS_ENDPOINT_URL for s3://)"
-_fault_hook = None
-
-
-def set_fault_hook(hook) -> None:
-    """Install ``hook(operation, path)`` ("write" or "upload"), called before every try; None removes it."""
-    global _fault_hook
-    _fault_hook = hook
-
-
-def retryable(e: BaseException) -> bool:
-    """Whether trying again may help: OSErrors other than a missing path, a full, read-only or
-    forbidden storage."""
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        return False
-    return isinstance(e, OSError) and e.errno not in NOT_RETRIED
-
-
-def _retrying(operation: str, path: str, fn):
-    import time
-
-    for attempt in range(WRITE_TRIES):
-        try:
-            if _fault_hook is not None:
-                _fault_hook(operation, path)
-            return fn()
-        except OSError as e:
-            if attempt == WRITE_TRIES - 1 or not retryable(e):
-                raise
-            time.sleep(0.05 * 2 ** attempt)
-
-
-def _errno_of(e: BaseException) -> Optional[int]:
-    code = getattr(e, "errno", None)
-    if code is None and isinstance(e, PermissionError):
-        return errno.EACCES
-    return code if isinstance(code, int) else None
-
-
-def storage_io_error(action: str, uri: str, e: BaseException) -> StorageIOError:
-    """The ``StorageIOError`` for ``action`` ("writing", "reading", ...) of ``uri`` that failed with ``e``:
-    the path, the errno text, whether it was retried, and what to change."""
-    code = _errno_of(e)
-    name = errno.errorcode.get(code, str(code)) if code is not None else None
-    tried = "not retried" if not retryable(e) else f"after {WRITE_TRIES} tries"
-    detail = f"{name}, {tried}" if name else tried
-    return StorageIOError(f"{action} {uri} failed: {type(e).__name__}: {e} ({detail}); "
-                          f"{_HINTS.get(code, _DEFAULT_HINT)}", code, uri)
-
 
 def resolve_filesystem(path: str, filesystem: Any = None):
     """Return ``(fsspec filesystem, path without protocol)`` for a path or URI."""
@@ -254,7 +172,7 @@ class RunStore:
     def _io(self, operation: str, action: str, path: str, fn):
         """Run ``fn`` with retries; any failure becomes a ``StorageIOError`` naming ``path``."""
         try:
-            return _retrying(operation, path, fn)
+            return retrying(operation, path, fn)
         except (StorageError, ConfigError):
             raise
         except Exception as e:  # noqa: BLE001 - every backend's failure is the storage's failure
@@ -283,14 +201,14 @@ class RunStore:
 
     def check_owned(self) -> None:
         """Refuse (``ConfigError``, touching nothing) a run folder that exists and holds things but no
-        trainkit run: no ``run_state.json``, ``events.jsonl`` or ``.trainkit_marker``."""
+        trainkit run: no ``run_state.json``, ``events.jsonl``, ``.trainkit_marker`` or ``owner.json``."""
         names = self.entries()
         if not names:
             return
         if names == [""]:
             raise ConfigError("RunConfig.name", self.name, f"the name of a run folder, but {self.uri} is a file",
                               hint="choose another RunConfig.name or RunConfig.storage_path")
-        if {MANIFEST, EVENTS, MARKER} & set(names):
+        if {MANIFEST, EVENTS, MARKER, OWNER} & set(names):
             return
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise ConfigError("RunConfig.name", self.name,
@@ -314,7 +232,7 @@ class RunStore:
                 self.fs.pipe_file(self.path(MARKER), b"trainkit\n")
         except Exception as e:  # noqa: BLE001 - any backend error means unusable storage
             err = self._failed("writing", self.path(MARKER), e)
-            hint = _HINTS.get(err.errno, _DEFAULT_HINT)
+            hint = hint_for(err.errno)
             raise StorageIOError(f"storage {self.uri!r} is not writable: {type(e).__name__}: {e}. "
                                  f"{hint[0].upper()}{hint[1:]}.", err.errno, err.filename) from e
 

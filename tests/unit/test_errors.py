@@ -9,7 +9,7 @@ import pytest
 
 from trainkit import errors
 from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, MissingExtraError,
-                             OutputError, ReportError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
+                             OutputError, ReportError, RunOwnedError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
                              WorkerFailure, WorkerGroupError)
 
 _FAILURES = [
@@ -25,6 +25,7 @@ _EXAMPLES = [
     ConfigError("a free-form message"),
     ScenarioError("unknown key 'atx'", path="scenarios/preempt.yaml", line=7, key="faults[0].atx", suggestion="at"),
     StorageError("storage 's3://b' is not writable"),
+    RunOwnedError("run /r/x is in use by another driver: pid 7 on host-a", {"host": "host-a", "pid": 7}),
     OutputError("cannot write /nope/out.json: [Errno 2] No such file or directory"),
     CheckpointError("ranks 0 and 1 both wrote 'model.pt'"),
     SessionError("`report` cannot be used outside of a trainkit training function"),
@@ -55,6 +56,7 @@ def test_every_exception_is_under_trainkit_error():
     assert issubclass(ControllerError, TrainingFailedError)
     assert issubclass(HangDetectedError, TrainingFailedError)
     assert issubclass(SessionError, RuntimeError)
+    assert issubclass(RunOwnedError, ConfigError) and issubclass(RunOwnedError, StorageError)
 
 
 @pytest.mark.parametrize("exc", _EXAMPLES, ids=lambda e: f"{type(e).__name__}")

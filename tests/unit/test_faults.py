@@ -138,7 +138,7 @@ def test_storage_errors_below_the_retry_budget_are_survived_and_the_checkpoint_i
     plan = FaultPlan([{"action": "storage_error", "operation": "upload", "count": storage.WRITE_TRIES - 1,
                        "at": {"report": 2}}])
     result = _fit(tmp_path, plan, max_failures=0)
-    assert result.metrics["step"] == 5 and storage._fault_hook is None
+    assert result.metrics["step"] == 5 and storage.fault_hook() is None
     assert (tmp_path / "run" / "checkpoint_2" / "counter.json").read_text() == '{"step": 2}'
 
 

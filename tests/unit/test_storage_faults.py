@@ -150,10 +150,14 @@ def test_the_event_writer_never_appends_after_a_torn_line(tmp_path):
         f.write('{"type": "report_committed", "time": 1.0, "attempt": 1, "ind')  # the writer died here
     ledger = RunLedger(store, CheckpointConfig())
     ledger.start_attempt(1)
-    read = ev.parse_events(open(path, "rb").read())
-    assert read.bad_line is None and len(read.skipped) == 1
-    assert "torn" in read.problem and "skipped" in read.problem
-    assert [e.type for e in read.events] == ["run_started", "attempt_started", "run_started", "attempt_started"]
+    data = open(path, "rb").read()
+    read = ev.parse_events(data)
+    # the next start repaired the file: the torn tail is gone, every complete event is there, byte for byte
+    assert read.bad_line is None and read.skipped == () and read.problem == ""
+    assert b'"ind' not in data and data.endswith(b"\n")
+    # the first fit never ended: the second closes it (run_finished, aborted) before its own run_started
+    assert [e.type for e in read.events] == ["run_started", "attempt_started", "run_finished", "run_started",
+                                             "attempt_started"]
 
 
 def test_a_torn_line_in_the_middle_is_skipped_and_the_rest_is_read():
@@ -181,3 +185,21 @@ def test_a_failed_append_is_followed_by_a_newline(tmp_path):
         log.emit(ev.RunStarted(name="a"))
     log.emit(ev.RunFinished())
     assert calls[1].startswith("\n") and calls[1].count("\n") == 3  # repair, then both events
+
+
+def test_torn_lines_in_the_middle_are_removed_at_the_next_start_and_the_rest_kept_byte_for_byte(tmp_path):
+    from trainkit import CheckpointConfig
+    from trainkit.ledger import RunLedger
+
+    store = RunStore(str(tmp_path), "run")
+    RunLedger(store, CheckpointConfig()).start_attempt(1)
+    path = store.path("events.jsonl")
+    good = open(path, "rb").read()
+    with open(path, "ab") as f:  # an append that stopped half-way, then a writer that started a new line
+        f.write(b'{"type": "report_committed", "time": 1.0, "att\n' + ev.FaultInjected(action="raise").to_json().encode()
+                + b"\n")
+    RunLedger(store, CheckpointConfig())
+    data = open(path, "rb").read()
+    assert data.startswith(good) and b'"att\n' not in data  # complete events untouched, the torn line gone
+    read = ev.parse_events(data)
+    assert read.skipped == () and read.problem == "" and "fault_injected" in [e.type for e in read.events]

@@ -7,7 +7,7 @@ entry point group ``trainkit.backends``). Inside its ranks it installs a ``Sessi
 reports into commits, and it calls the training function with ``call_train_fn``.
 
 A backend that runs the function in the calling process gets the whole attempt loop from
-``run_attempts``: a ledger in the run folder, one attempt after another from the latest
+``run_attempts``: the run folder's lease (one driver per run, ``trainkit.lease``), a ledger in it, one attempt after another from the latest
 committed checkpoint, failures counted against ``FailureConfig.max_failures``, the event
 stream, ``Result`` or ``WorkerGroupError``. Local mode and the conformance suite's broken
 backends are written this way::
@@ -42,6 +42,7 @@ from trainkit.backends import (DURABLE_REPORT, ELASTIC, FAULT_INJECTION, HANG_DI
                                register_backend)
 from trainkit.backends import decide
 from trainkit.errors import WorkerFailure, WorkerGroupError
+from trainkit.lease import owned
 from trainkit.ledger import RunLedger
 from trainkit.session import Coordinator, RankInfo, ReportReply
 from trainkit.session import Session
@@ -125,11 +126,18 @@ def run_attempts(spec: TrainSpec, *, backend_name: str, num_workers: Any = 0,
     coordinator; ``max_failures`` overrides ``FailureConfig.max_failures``; ``with_hooks``
     ships the run's callbacks to the rank; ``before_finish(coordinator)`` runs after the
     function returned, before the run is marked finished. Returns the ``Result``; raises
-    ``WorkerGroupError`` (root cause: the function's exception) once the failures are spent.
+    ``WorkerGroupError`` (root cause: the function's exception) once the failures are spent, and
+    ``RunOwnedError`` at once when another live driver owns the run folder.
     """
     rc = spec.run_config
     store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
-    ledger = RunLedger(store, rc.checkpoint_config, backend=backend_name, num_workers=num_workers)
+    with owned(store, backend=backend_name) as lease:  # before anything is written; RunOwnedError if taken
+        ledger = RunLedger(store, rc.checkpoint_config, backend=backend_name, num_workers=num_workers, lease=lease)
+        return _attempt_loop(spec, ledger, coordinator, max_failures, with_hooks, before_finish)
+
+
+def _attempt_loop(spec: TrainSpec, ledger: RunLedger, coordinator, max_failures, with_hooks, before_finish):
+    rc, store = spec.run_config, ledger.store
     subscribe_callbacks(ledger, spec)
     fc = rc.failure_config if max_failures is None else dataclasses.replace(rc.failure_config,
                                                                             max_failures=max_failures)

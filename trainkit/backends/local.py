@@ -6,8 +6,9 @@ function in-process, and the event stream is written.
 
 Under ``torchrun`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT`` all set) each process is one rank: the process group
-is initialised (gloo on CPU, NCCL on GPU), rank 0 keeps the ledger, and ``report()`` is
-a barrier through a gloo side group. Restarts under torchrun are torchrun's own
+is initialised (gloo on CPU, NCCL on GPU), rank 0 holds the run's lease (``trainkit.lease``)
+and keeps the ledger, and ``report()`` is a barrier through a gloo side group. A failure to open
+the run on rank 0 (another driver owns it, a folder that is not a run's) is raised on every rank. Restarts under torchrun are torchrun's own
 (``--max-restarts``); a restarted torchrun job with the same ``RunConfig.name`` resumes.
 Runs in the driver (or each torchrun process).
 """
@@ -23,6 +24,7 @@ from trainkit.backends import barrier, decide
 from trainkit.config import FailureConfig
 from trainkit.config import PROCESS_GROUP_TIMEOUT_S
 from trainkit.errors import ReportError, TrainingFailedError
+from trainkit.lease import Lease
 from trainkit.ledger import RunLedger
 from trainkit.result import load_result
 from trainkit.session import RankInfo, ReportReply
@@ -131,23 +133,45 @@ def _run_torchrun(spec: api.TrainSpec, env: dict):
     dist.broadcast_object_list(shared, src=0, group=group)
     name, storage_path = shared[0]
     store = RunStore(storage_path, name, rc.storage_filesystem)
-    ledger = None
-    if rank == 0:
-        ledger = RunLedger(store, rc.checkpoint_config, backend="local/torchrun", num_workers=world_size)
-        api.subscribe_callbacks(ledger, spec)
+    ledger = lease = None
     boot: list = [None]
     if rank == 0:
-        attempt = ledger.start_attempt(world_size)
-        latest = ledger.state["latest_checkpoint"]
-        boot[0] = (attempt, latest, ledger.latest_index)
-    dist.broadcast_object_list(boot, src=0, group=group)
-    attempt, latest_dir, latest_index = boot[0]
+        try:
+            store.check_owned()
+            lease = Lease.acquire(store, backend="local/torchrun").start()  # before anything is written
+            ledger = RunLedger(store, rc.checkpoint_config, backend="local/torchrun", num_workers=world_size,
+                               lease=lease)
+            api.subscribe_callbacks(ledger, spec)
+            attempt = ledger.start_attempt(world_size)
+            boot[0] = ("ok", (attempt, ledger.state["latest_checkpoint"], ledger.latest_index))
+        except Exception as e:  # noqa: BLE001 - raised on every rank, not left waiting in the broadcast
+            boot[0] = ("error", e)
+    try:
+        dist.broadcast_object_list(boot, src=0, group=group)
+        status, value = boot[0]
+        if status == "error":
+            raise value
+        return _run_rank(spec, store, ledger, value, group, rank, world_size, local_rank, local_ws, name)
+    finally:
+        if lease is not None:
+            lease.release()
+        group = None
+        if owned:
+            import gc
+
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, local_ws, name):
+    attempt, latest_dir, latest_index = boot
     from trainkit.checkpoint import Checkpoint
 
     start_ckpt = Checkpoint(store.path(latest_dir), store.fs) if latest_dir else None
     info = RankInfo(world_rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_ws,
                     node_rank=rank // max(local_ws, 1), node_id=os.environ.get("GROUP_RANK", "0"), attempt=attempt)
     coord = TorchDistCoordinator(ledger, attempt, rank, world_size, group)
+    group = None  # only coord holds it: a traceback keeping this frame must not keep the group alive
     session = api.Session(info, store, coord, experiment_name=name, start_checkpoint=start_ckpt,
                           start_index=latest_index, datasets=spec.datasets, hooks=api.worker_hooks(spec))
     try:
@@ -186,9 +210,3 @@ def _run_torchrun(spec: api.TrainSpec, env: dict):
         # one kept alive until interpreter exit aborts the process (SIGABRT) after a good run.
         coord.group = None
         session.coordinator = None
-        group = None
-        import gc
-
-        gc.collect()
-        if owned:
-            dist.destroy_process_group()

@@ -371,6 +371,10 @@ def load_report(run: Any, *, storage_filesystem: Any = None) -> RunReport:
         problems.append(f"{MANIFEST} is missing: the status and attempts below come from {EVENTS} alone")
     state, bad = checks.manifest_problems(state)
     problems += bad
+    if state:
+        from trainkit.result import shown_state
+
+        state = shown_state(store, state)  # a running run whose driver is gone is shown aborted
     problems += checks.checkpoint_problems(store, state)
     read = ev.parse_events(events_text)
     if read.problem and events_text is not None:

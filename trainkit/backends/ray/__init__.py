@@ -1,7 +1,8 @@
 """The reference backend ``ray``: Ray core actors + torch.distributed. This module is the driver side.
 
-``fit()`` joins an initialised Ray, or ``RAY_ADDRESS``, or starts a local Ray; checks the
-storage; ships the training function (by value, so test modules need not be importable
+``fit()`` takes the run folder's lease (one driver per run: ``trainkit.lease``; renewed here
+while the run lives, released at its end, a copy that checks goes to the controller's ledger);
+joins an initialised Ray, or ``RAY_ADDRESS``, or starts a local Ray; checks the storage; ships the training function (by value, so test modules need not be importable
 on workers) to this driver's controller actor; shows one live progress line on a
 terminal; and returns the ``Result`` or raises the run's ``TrainingFailedError``.
 Ctrl-C aborts the run and kills its workers. Runs in the driver.
@@ -18,6 +19,7 @@ from typing import Any, Optional
 
 from trainkit import _env, backends
 from trainkit._serialize import dumps_train_fn
+from trainkit.lease import owned
 from trainkit.storage import RunStore
 
 _controller_lock = threading.Lock()
@@ -146,14 +148,19 @@ class RayBackend:
     needs_ray = True
 
     def run(self, spec: backends.TrainSpec):
-        import ray
-
         from trainkit.diagnostics.debug import with_env_debugger
 
         spec = with_env_debugger(spec)  # TRAINKIT_DEBUG_RANK: a RankDebugger callback
         spec = dataclasses.replace(spec, worker_start_timeout_s=_worker_start_timeout_s())
         rc = spec.run_config
-        RunStore(rc.storage_path, rc.name, rc.storage_filesystem).ensure()  # fail before any worker starts
+        store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
+        with owned(store, backend=self.name) as lease:  # this driver's run, or RunOwnedError at once
+            store.ensure()  # fail before any worker starts
+            return self._run(spec, lease)
+
+    def _run(self, spec: backends.TrainSpec, lease):
+        import ray
+
         fn_bytes = dumps_train_fn(spec.train_fn)
         ensure_ray()
         if spec.datasets:  # Ray Datasets execute once, here, in id order: bad ones fail before workers start
@@ -164,7 +171,7 @@ class RayBackend:
         run_id = uuid.uuid4().hex
         # The function travels only as fn_bytes (by value): pickled inside the spec it would go by
         # reference, and the controller cannot import a test module or a notebook's module.
-        ref = controller.run.remote(run_id, dataclasses.replace(spec, train_fn=None), fn_bytes)
+        ref = controller.run.remote(run_id, dataclasses.replace(spec, train_fn=None), fn_bytes, lease)
         progress = _Progress()
         try:
             while True:

@@ -47,10 +47,11 @@ class Controller:
     async def ping(self) -> bool:
         return True
 
-    async def run(self, run_id: str, spec, fn_bytes: bytes):
+    async def run(self, run_id: str, spec, fn_bytes: bytes, lease=None):
+        """``lease``: the driver's lease on the run folder (a copy that checks, for the ledger)."""
         run = self.runs[run_id] = Run(run_id, spec, fn_bytes)
         try:
-            return ("ok", await self._loop(run))
+            return ("ok", await self._loop(run, lease))
         except TrainingFailedError as e:
             # Errors raised before an attempt ends (resources that can never fit, placement
             # timeouts) have not finished the ledger yet: Result.from_path must show them too.
@@ -71,11 +72,11 @@ class Controller:
             self.runs.pop(run_id, None)
 
     # -- the attempt loop ---------------------------------------------------------------
-    async def _loop(self, run: Run):
+    async def _loop(self, run: Run, lease):
         spec = run.spec
         run.ledger = ledger = await asyncio.to_thread(
             RunLedger, run.store, spec.run_config.checkpoint_config, backend="ray",
-            num_workers=spec.scaling_config.num_workers)
+            num_workers=spec.scaling_config.num_workers, lease=lease)
         api.subscribe_callbacks(ledger, spec)
         hooks = api.worker_hooks(spec)
         last_size = number = 0
