@@ -10,9 +10,9 @@ now (its start time differs), anywhere when it was not renewed within its ``leas
 
 Writes are exclusive where the storage can make them so: a new lease is a hard link of a
 complete file on local disk and NFS (fails if one exists) and a PUT with
-``If-None-Match: *`` on S3; a takeover moves the stale file aside on local disk (only one
-mover wins; a fresh lease moved by mistake is put back) and PUTs with ``If-Match: <ETag>``
-on S3. Every write is read back and compared. A store without conditional writes (other
+``If-None-Match: *`` on S3; a takeover holds an exclusive lock file (``owner.json.takeover``,
+``O_EXCL``) on local disk and NFS while it checks and replaces the stale file, and PUTs with
+``If-Match: <ETag>`` on S3. Every write is read back and compared. A store without conditional writes (other
 fsspec filesystems, S3 look-alikes that ignore the headers) gets an unconditional write,
 ``SETTLE_S`` of waiting and the read-back: two drivers that take over the same stale lease
 within that window can both believe they won; the loser finds out at its next renewal or
@@ -45,6 +45,7 @@ logger = logging.getLogger("trainkit")
 
 LEASE_S = 30.0  # a lease not renewed for this long is taken over (written into owner.json: its readers use it)
 SETTLE_S = 1.0  # stores without conditional writes: wait this long after a takeover write, then read it back
+TAKEOVER_LOCK_S = 10.0  # a takeover lock older than this was left by a driver that died taking over
 _TRIES = 3  # a lease read or write that fails is tried again this many times (object stores drop requests)
 
 _held_lock = threading.Lock()
@@ -185,22 +186,29 @@ def _replace(store: RunStore, old: bytes, etag: Optional[str], data: bytes) -> b
     """Replace owner.json holding ``old`` by ``data``; False if it changed meanwhile. Whether it is ours."""
     p = store.path(OWNER)
     if store.local:
-        aside = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        # Takeovers are serialised by an exclusive lock file (O_EXCL: atomic on local disk and NFS):
+        # of several drivers taking over one stale lease, the one holding the lock replaces it.
+        lock = f"{p}.takeover"
         try:
-            os.rename(p, aside)  # of several movers of one file, one wins
-        except FileNotFoundError:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(lock) > TAKEOVER_LOCK_S:
+                    os.remove(lock)  # its taker died holding it
             return False
         try:
-            with open(aside, "rb") as f:
-                moved = f.read()
-            if moved != old:  # a fresh lease of a driver that was quicker: put it back
-                with contextlib.suppress(OSError):
-                    os.link(aside, p)
+            try:
+                with open(p, "rb") as f:
+                    current = f.read()
+            except FileNotFoundError:
+                return _create(store, data)
+            if current != old:  # a quicker driver took it over already
                 return False
+            _replace_local(p, data)
+            return read_lease(store)[0] == data
         finally:
             with contextlib.suppress(OSError):
-                os.remove(aside)
-        return _create(store, data)
+                os.remove(lock)
     if _s3(store) and etag:
         for _ in range(_TRIES):
             try:

@@ -119,9 +119,17 @@ SCRIPT = textwrap.dedent('''
         emit(kind="returned", reports=n)
 
 
+    def train_raise(config):
+        rank = trainkit.get_context().get_world_rank()
+        trainkit.report({"step": 1})
+        if rank == 1:
+            raise ValueError("rank 1 broke at step 2")
+        trainkit.report({"step": 2})  # rank 0 waits here until its peer is gone
+
+
     def main():
         mode, storage, name = sys.argv[1:4]
-        fn = {"ok": train_ok, "mismatch": train_mismatch}[mode]
+        fn = {"ok": train_ok, "mismatch": train_mismatch, "raise": train_raise}[mode]
         markers = os.path.join(os.path.dirname(storage), "markers")
         os.makedirs(markers, exist_ok=True)
         trainer = TorchTrainer(fn, train_loop_config={"markers": markers},
@@ -318,3 +326,15 @@ def test_a_rank_that_reports_one_time_fewer_fails_fast_with_an_error_about_repor
     assert type(restored.error).__name__ == "WorkerGroupError"
     assert "rank 1 returned after 2 report(s)" in str(restored.error)
     assert restored.error.failures[0].kind == "mismatch"
+
+
+def test_the_root_cause_under_torchrun_is_the_rank_that_raised_not_rank_zeros_broken_collective(tmp_path):
+    proc, lines, _elapsed, run_dir = _torchrun(tmp_path, "raise", "tr_raise", timeout_s=120)
+    assert proc.returncode != 0
+    from trainkit import Result
+
+    restored = Result.from_path(str(run_dir))
+    assert restored.error is not None, proc.stderr[-3000:]
+    root = restored.error.failures[0]
+    assert (root.world_rank, root.exc_type) == (1, "ValueError"), restored.error.failures
+    assert "rank 1 broke at step 2" in root.message and "rank 1 broke at step 2" in str(restored.error)

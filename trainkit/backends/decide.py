@@ -20,7 +20,8 @@ from typing import Any, Optional, Union
 from trainkit.errors import HangDetectedError, TrainingFailedError, WorkerFailure, WorkerGroupError
 from trainkit.policies import FailureDecision, decide_failure, decide_resize
 
-COLLATERAL = ("Connection closed by peer", "Connection reset")  # a peer's broken collective, not a cause
+# a peer's broken collective, or torchrun stopping the survivors: the effect of a failure, not its cause
+COLLATERAL = ("Connection closed by peer", "Connection reset", "torchrun stopped this rank (SIGTERM)")
 
 
 def root_cause_first(failures) -> list[WorkerFailure]:

@@ -15,6 +15,7 @@ Runs in the driver (or each torchrun process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Optional
@@ -23,7 +24,7 @@ from trainkit.backends import api
 from trainkit.backends import barrier, decide
 from trainkit.config import FailureConfig
 from trainkit.config import PROCESS_GROUP_TIMEOUT_S
-from trainkit.errors import ReportError, TrainingFailedError
+from trainkit.errors import ReportError, StorageError, TrainingFailedError
 from trainkit.lease import Lease
 from trainkit.ledger import RunLedger
 from trainkit.result import load_result
@@ -163,6 +164,65 @@ def _run_torchrun(spec: api.TrainSpec, env: dict):
             dist.destroy_process_group()
 
 
+FAILURE_WAIT_S = 1.0  # how long rank 0, failing, waits for the failure records of ranks that failed before it
+
+
+def _failure_path(attempt: int, rank: int) -> str:
+    return f"logs/attempt-{attempt}/failure-rank-{rank}.json"
+
+
+def _leave_failure(store: RunStore, attempt: int, failure, failed_at: float) -> None:
+    """A rank other than 0 failed: its record, with when, for rank 0 (which records the run)."""
+    try:
+        store.makedirs(f"logs/attempt-{attempt}")
+        store.write_json_atomic(_failure_path(attempt, failure.world_rank), {"time": failed_at, **failure.to_dict()})
+    except StorageError:  # rank 0 then names only what it saw
+        pass
+
+
+def _first_failures(store: RunStore, attempt: int, world_size: int, own, failed_at: float) -> list:
+    """Rank 0's failure and the records the other ranks left, the first to fail first. Rank 0 waits up to
+    ``FAILURE_WAIT_S`` for them when its own failure is a broken collective (a peer that died or raised)."""
+    from trainkit.errors import WorkerFailure
+
+    collateral = any(c in own.message for c in decide.COLLATERAL)
+    deadline = time.monotonic() + (FAILURE_WAIT_S if collateral else 0.0)
+    found: dict = {}
+    while True:
+        for r in range(1, world_size):
+            if r not in found:
+                with contextlib.suppress(StorageError, ValueError):
+                    rec = store.read_json(_failure_path(attempt, r))
+                    if isinstance(rec, dict):
+                        found[r] = rec
+        if len(found) == world_size - 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    timed = [(failed_at, own)] + [(rec.get("time", failed_at), WorkerFailure.from_dict(rec)) for rec in found.values()]
+    timed.sort(key=lambda t: t[0])
+    return decide.root_cause_first([f for _, f in timed])
+
+
+class Terminated(Exception):
+    """torchrun's agent stopped rank 0 (SIGTERM) because another rank failed: rank 0 records the run."""
+
+
+def _on_sigterm(recording: list):
+    """Rank 0 turns torchrun's SIGTERM (sent when another rank failed) into ``Terminated``, so that it
+    records the failure (the failed rank's, found in its record) before it exits; while it records,
+    a SIGTERM waits. Returns the previous handler (None off the main thread)."""
+    import signal
+
+    def handler(signum, frame):
+        if not recording:
+            raise Terminated("torchrun stopped this rank (SIGTERM): another rank failed")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, local_ws, name):
     attempt, latest_dir, latest_index = boot
     from trainkit.checkpoint import Checkpoint
@@ -174,6 +234,8 @@ def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, lo
     group = None  # only coord holds it: a traceback keeping this frame must not keep the group alive
     session = api.Session(info, store, coord, experiment_name=name, start_checkpoint=start_ckpt,
                           start_index=latest_index, datasets=spec.datasets, hooks=api.worker_hooks(spec))
+    recording = []  # set while rank 0 records a failure: a SIGTERM then waits for the record
+    previous = _on_sigterm(recording) if ledger is not None else None
     try:
         with api.install_session(session):
             try:
@@ -181,6 +243,7 @@ def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, lo
                 # A rank that returns while others still report is a mismatch, found here at once.
                 coord.finish(session.index)
             except Exception as e:  # noqa: BLE001
+                recording.append(True)
                 # fit() raises what Result.from_path will show: one TrainingFailedError in every mode.
                 if isinstance(e, TrainingFailedError):
                     failures, error, kind = e.failures, e, "failure"
@@ -188,9 +251,16 @@ def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, lo
                     failure = api.failure_from(e, rank)
                     if isinstance(e, ReportError):
                         failure.kind = "mismatch"
+                    failed_at = time.time()
+                    if ledger is None:  # rank 0 records the run: leave it this rank's failure, and when
+                        _leave_failure(store, attempt, failure, failed_at)
+                        failures = [failure]
+                    else:  # the root cause is the rank that failed first, not rank 0's broken collective
+                        failures = _first_failures(store, attempt, world_size, failure, failed_at)
                     # restarts under torchrun are torchrun's own (--max-restarts): this attempt fails
-                    action, _ = decide.decide(decide.Outcome(failures=(failure,)), decide.Budget(), FailureConfig())
-                    failures, error, kind = [failure], action.error, action.kind
+                    action, _ = decide.decide(decide.Outcome(failures=tuple(failures)), decide.Budget(),
+                                              FailureConfig())
+                    error, kind = action.error, action.kind
                 if ledger is not None:
                     ledger.record_failure(attempt, failures, will_retry=False, kind=kind)
                     ledger.finish("failed", error)
@@ -206,6 +276,10 @@ def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, lo
             result.return_value = value
         return result
     finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
         # Drop every reference to the gloo side group before destroying the process group:
         # one kept alive until interpreter exit aborts the process (SIGABRT) after a good run.
         coord.group = None
