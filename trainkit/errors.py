@@ -147,7 +147,7 @@ class WorkerFailure:
     world_rank: int
     node_id: str = ""
     pid: int | None = None
-    kind: str = "exception"  # exception | died | oom | hang | preempted | mismatch
+    kind: str = "exception"  # exception | storage | died | oom | hang | preempted | mismatch
     exc_type: str = ""
     message: str = ""
     traceback: str = ""
@@ -239,6 +239,14 @@ class WorkerGroupError(TrainingFailedError):
     _prefix = "Training failed due to worker errors"
 
 
+class StorageFailedError(WorkerGroupError, StorageError):
+    """The run's storage cannot take it any more (full, read-only, forbidden): a rank's checkpoint
+    upload or the controller's commit failed with an error no retry can fix. Not retried, whatever
+    ``max_failures`` says; both a ``TrainingFailedError`` (``Result.error``) and a ``StorageError``."""
+
+    _prefix = "Training failed due to its storage"
+
+
 class ControllerError(TrainingFailedError):
     """The controller failed (bad callback, resources that can never be had, internal error)."""
 
@@ -252,9 +260,9 @@ class HangDetectedError(WorkerGroupError):
 
 
 _FAILED_KINDS = {c.__name__: c for c in (TrainingFailedError, WorkerGroupError, ControllerError,
-                                         HangDetectedError)}
+                                         HangDetectedError, StorageFailedError)}
 
 __all__ = [
-    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "RunOwnedError", "CheckpointError", "ReportError", "SessionError",
+    "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "RunOwnedError", "StorageFailedError", "CheckpointError", "ReportError", "SessionError",
     "WorkerFailure", "TrainingFailedError", "WorkerGroupError", "ControllerError", "HangDetectedError",
 ]

@@ -9,7 +9,7 @@ import pytest
 
 from trainkit import errors
 from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, MissingExtraError,
-                             OutputError, ReportError, RunOwnedError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
+                             OutputError, ReportError, StorageFailedError, RunOwnedError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
                              WorkerFailure, WorkerGroupError)
 
 _FAILURES = [
@@ -34,6 +34,7 @@ _EXAMPLES = [
     WorkerGroupError("rank 1 died", _FAILURES),
     ControllerError("placement group never ready"),
     HangDetectedError("ranks [1] missing at report 3", _FAILURES[:1]),
+    StorageFailedError("the storage is full", _FAILURES[:1]),
     MissingExtraError("trainkit chaos", "chaos", ["pydantic", "yaml"], "pip install 'trainkit[chaos]'"),
 ]
 

@@ -73,9 +73,15 @@ def call_train_fn(spec: TrainSpec) -> Any:
 
 def failure_from(exc: BaseException, world_rank: int, *, node_id: str = "local",
                  pid: Optional[int] = None) -> WorkerFailure:
-    """The failure record of a rank whose training function raised ``exc`` (traceback included)."""
+    """The failure record of a rank whose training function raised ``exc`` (traceback included): kind
+    ``storage`` for a storage failure no retry can fix (full, read-only, forbidden), else ``exception``."""
+    from trainkit.errors import StorageError
+    from trainkit.storage_io import retryable
+
+    kind = "storage" if isinstance(exc, StorageError) and isinstance(exc, OSError) and not retryable(exc) \
+        else "exception"
     return WorkerFailure(world_rank=world_rank, node_id=node_id, pid=os.getpid() if pid is None else pid,
-                         kind="exception", exc_type=type(exc).__name__, message=str(exc),
+                         kind=kind, exc_type=type(exc).__name__, message=str(exc),
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 

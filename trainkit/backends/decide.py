@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from trainkit.errors import HangDetectedError, TrainingFailedError, WorkerFailure, WorkerGroupError
+from trainkit.errors import (HangDetectedError, StorageFailedError, TrainingFailedError, WorkerFailure,
+                             WorkerGroupError)
 from trainkit.policies import FailureDecision, decide_failure, decide_resize
 
 # a peer's broken collective, or torchrun stopping the survivors: the effect of a failure, not its cause
@@ -100,7 +101,8 @@ def decide(outcome: Outcome, budget: Budget, failure_config) -> tuple[Action, Bu
     hang = failures[0].kind == "hang"
     kind = "preemption" if preemption else "hang" if hang else "failure"
     mismatch = any(f.kind == "mismatch" for f in failures)
-    retryable = not mismatch and outcome.hang_error is None
+    storage = next((f for f in failures if f.kind == "storage"), None)  # full, read-only, forbidden storage
+    retryable = not mismatch and storage is None and outcome.hang_error is None
     verdict = decide_failure(budget.failures, failure_config.max_failures, retryable=retryable,
                              preemption=preemption, preemptions_so_far=budget.preemptions,
                              max_preemptions=failure_config.max_preemptions)
@@ -109,6 +111,10 @@ def decide(outcome: Outcome, budget: Budget, failure_config) -> tuple[Action, Bu
                f"{budget.failures} failure(s), max_failures={failure_config.max_failures}")
         if preemption and not mismatch:
             why = f"{budget.preemptions} preemption(s), max_preemptions={failure_config.max_preemptions}"
+        if storage is not None:
+            failures = [storage] + [f for f in failures if f is not storage]
+            return Fail(kind, StorageFailedError(f"the storage cannot take the run any more (no retry can help); "
+                                                 f"root cause: {storage.headline()}", failures)), budget
         error = outcome.hang_error or (HangDetectedError if hang else WorkerGroupError)(
             f"{why}; root cause: {failures[0].headline()}", failures)
         return Fail(kind, error), budget
