@@ -4,7 +4,7 @@ Attach it with ``RunConfig(callbacks=[plan])``. The runtime calls ``plan.worker_
 once per run (in the controller, or the driver in local mode) and ships the returned
 ``_Injector`` to every rank of every attempt, where ``before_report`` / ``after_report``
 run around each ``report()``. A firing is first recorded as a ``fault_injected`` event
-through ``trainkit.session.record_fault`` (the run's ledger refuses a key it has seen, so
+through ``trainkit.backends.api.record_fault`` (the run's ledger refuses a key it has seen, so
 a fault fires once per run even when an attempt replays its report), then acted on.
 
 Node actions (``kill_node``, ``add_node``, ``preempt`` of a node) are not done by the
@@ -149,7 +149,7 @@ class _Injector:
             fields = {"attempt": ctx.get_attempt(), "action": fault.action, "world_rank": rank,
                       "node": getattr(fault, "node", None), "index": index,
                       "detail": {"key": key, "fault": fid, "when": when, **params}}
-            from trainkit.session import record_fault
+            from trainkit.backends.api import record_fault
 
             if not record_fault(fields):
                 continue  # fired already in this run (an attempt replays the report), or another rank claimed it

@@ -44,7 +44,7 @@ from trainkit.backends import decide
 from trainkit.errors import WorkerFailure, WorkerGroupError
 from trainkit.lease import owned
 from trainkit.ledger import RunLedger
-from trainkit.session import Coordinator, RankInfo, ReportReply
+from trainkit.session import Coordinator, RankInfo, ReportReply, record_fault
 from trainkit.session import Session
 from trainkit.session import set_session
 from trainkit.storage import RunStore
@@ -181,4 +181,4 @@ def _attempt_loop(spec: TrainSpec, ledger: RunLedger, coordinator, max_failures,
 __all__ = ["Backend", "TrainSpec", "register_backend", "get_backend", "available_backends", "MULTI_WORKER",
            "FAULT_INJECTION", "ELASTIC", "VIRTUAL_NODES", "HANG_DIAGNOSTICS", "PREEMPTION", "DURABLE_REPORT",
            "Session", "Coordinator", "RankInfo", "ReportReply", "InlineCoordinator", "install_session",
-           "call_train_fn", "failure_from", "subscribe_callbacks", "worker_hooks", "run_attempts"]
+           "call_train_fn", "failure_from", "subscribe_callbacks", "worker_hooks", "run_attempts", "record_fault"]
