@@ -168,6 +168,18 @@ def test_debugger_events_are_shown(tmp_path):
     assert "debugger: rank 1 listens on 127.0.0.1:5678" in render_short(rep)
 
 
+def _owned_by(run, pid: int) -> None:
+    """A live driver's lease on the hand-written run: ``pid`` (a live process of this machine) owns it."""
+    import dataclasses
+    import time
+
+    from trainkit.owner import machine, process_started, this_owner
+
+    me = dataclasses.replace(this_owner(30.0, "ray"), pid=pid, started=process_started(pid), renewed_at=time.time())
+    (run / "owner.json").write_bytes(me.to_json())
+    assert me.machine == machine()
+
+
 @pytest.mark.integration  # a subprocess and the py-spy binary: not in the unit tier
 def test_live_dumps_fresh_stacks_of_the_running_ranks_with_py_spy(tmp_path, capsys):
     import subprocess
@@ -181,6 +193,7 @@ def test_live_dumps_fresh_stacks_of_the_running_ranks_with_py_spy(tmp_path, caps
     proc = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        _owned_by(run, proc.pid)
         text = (run / "events.jsonl").read_text().replace('"pid": 11', f'"pid": {proc.pid}')
         (run / "events.jsonl").write_text(text)
         code = diagnose(argparse.Namespace(run=str(run), live=True, json="-"))
@@ -211,6 +224,7 @@ def test_live_refuses_a_pid_that_is_not_a_rank_of_the_run_and_names_it(tmp_path,
     secret = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--token=SECRET-123"])
     try:
         assert claimed_elsewhere.stdout.readline().strip() == "ready"
+        _owned_by(run, secret.pid)
         text = (run / "events.jsonl").read_text()
         text = text.replace('"pid": 10', f'"pid": {claimed_elsewhere.pid}').replace('"pid": 11', f'"pid": {secret.pid}')
         (run / "events.jsonl").write_text(text)

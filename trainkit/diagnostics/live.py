@@ -98,10 +98,17 @@ def live_stacks(report: RunReport, *, use_ray: Optional[bool] = None) -> tuple[L
             rows.append(LiveStack(None, error="not connected to the run's Ray cluster (set RAY_ADDRESS to dump "
                                               "ranks on other nodes): only the ranks on this machine were dumped"))
         return tuple(rows)
+    import ray
+
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     by_node: dict[str, list] = {}
     for r in report.ranks:
-        by_node.setdefault(r.node_id, []).append((r.world_rank, r.pid))
-    results = asyncio.run(_dump_by_node(by_node, report.run))
+        if r.node_id in alive:
+            by_node.setdefault(r.node_id, []).append((r.world_rank, r.pid))
+        else:  # not a node of the cluster this process is connected to: this machine, if anywhere
+            (got,) = dump_claimed([(r.world_rank, r.pid)], report.run)
+            rows.append(_row(r.world_rank, r.pid, got, t0))
+    results = asyncio.run(_dump_by_node(by_node, report.run)) if by_node else {}
     for node, items in by_node.items():
         got = results[node]
         for i, (rank, pid) in enumerate(items):
