@@ -173,18 +173,18 @@ def test_valid_edge_values_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("raw", ["soon", "0", "-5"])
 def test_a_bad_worker_start_timeout_is_a_config_error_naming_the_variable(monkeypatch, raw):
-    from trainkit.backends.ray import _worker_start_timeout_s
+    from trainkit.backends.ray import worker_start_timeout_s
 
     monkeypatch.setenv("TRAINKIT_WORKER_START_TIMEOUT_S", raw)
     with _raises_config_error("TRAINKIT_WORKER_START_TIMEOUT_S") as info:
-        _worker_start_timeout_s()
+        worker_start_timeout_s()
     assert raw in str(info.value)
 
 
 def test_the_worker_start_timeout_is_read_in_the_driver(monkeypatch):
-    from trainkit.backends.ray import _worker_start_timeout_s
+    from trainkit.backends.ray import worker_start_timeout_s
 
     monkeypatch.setenv("TRAINKIT_WORKER_START_TIMEOUT_S", "12.5")
-    assert _worker_start_timeout_s() == 12.5
+    assert worker_start_timeout_s() == 12.5
     monkeypatch.delenv("TRAINKIT_WORKER_START_TIMEOUT_S")
-    assert _worker_start_timeout_s() == 60.0
+    assert worker_start_timeout_s() == 60.0

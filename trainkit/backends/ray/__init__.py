@@ -130,7 +130,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _worker_start_timeout_s() -> float:
+def worker_start_timeout_s() -> float:
     from trainkit.errors import ConfigError
 
     value = _env.WORKER_START_TIMEOUT_S.get_float()
@@ -151,7 +151,7 @@ class RayBackend:
         from trainkit.diagnostics.debug import with_env_debugger
 
         spec = with_env_debugger(spec)  # TRAINKIT_DEBUG_RANK: a RankDebugger callback
-        spec = dataclasses.replace(spec, worker_start_timeout_s=_worker_start_timeout_s())
+        spec = dataclasses.replace(spec, worker_start_timeout_s=worker_start_timeout_s())
         rc = spec.run_config
         store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
         with owned(store, backend=self.name) as lease:  # this driver's run, or RunOwnedError at once
