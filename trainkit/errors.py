@@ -147,12 +147,13 @@ class WorkerFailure:
     world_rank: int
     node_id: str = ""
     pid: int | None = None
-    kind: str = "exception"  # exception | storage | died | oom | hang | preempted | mismatch
+    kind: str = "exception"  # exception | collective | storage | died | oom | hang | preempted | mismatch
     exc_type: str = ""
     message: str = ""
     traceback: str = ""
     exit_code: int | None = None
     memory: dict | None = None  # kind "oom": its last RSS samples, limit and the node's memory
+    peer_rank: int | None = None  # kind "collective": the peer the gloo/NCCL message names, when it does
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -191,3 +191,27 @@ def test_held_resources_and_their_release_are_seen_per_node():
     back, dead = released({"a": {"CPU": 1}}, before, held)
     assert (back, dead) == (set(), {"b"})
     assert add_resources({"a": {"CPU": 1}}, held) == {"a": {"CPU": 3}, "b": {"CPU": 1}}
+
+
+@pytest.mark.parametrize("message,collective,peer", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:13220",
+     True, None),
+    ("NCCL communicator was aborted on rank 1. Original reason: Watchdog caught collective operation timeout",
+     True, 1),
+    ("Timed out waiting 1800000ms for recv operation to complete", True, None),
+    ("ZeroDivisionError: division by zero", False, None),
+])
+def test_a_collectives_error_is_told_apart_with_the_peer_it_names(message, collective, peer):
+    from trainkit.backends.api import failure_from
+    from trainkit.backends.decide import is_collective_error, peer_rank
+
+    assert is_collective_error(message) is collective
+    f = failure_from(RuntimeError(message), 0)
+    assert f.kind == ("collective" if collective else "exception")
+    assert (f.peer_rank if collective else peer_rank(message)) == peer
+
+
+def test_the_rank_that_raised_comes_before_the_peers_broken_collectives():
+    broken = WorkerFailure(world_rank=0, kind="collective", message="gloo: Connection reset by peer")
+    cause = _f(1, "exception", "ValueError: bad batch")
+    assert root_cause_first([broken, cause]) == [cause, broken]

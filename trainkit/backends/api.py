@@ -74,14 +74,21 @@ def call_train_fn(spec: TrainSpec) -> Any:
 def failure_from(exc: BaseException, world_rank: int, *, node_id: str = "local",
                  pid: Optional[int] = None) -> WorkerFailure:
     """The failure record of a rank whose training function raised ``exc`` (traceback included): kind
-    ``storage`` for a storage failure no retry can fix (full, read-only, forbidden), else ``exception``."""
+    ``storage`` for a storage failure no retry can fix (full, read-only, forbidden), ``collective``
+    for a gloo/NCCL error in a collective (with the peer rank where the message names it), else
+    ``exception``."""
     from trainkit.errors import StorageError
     from trainkit.storage_io import retryable
 
-    kind = "storage" if isinstance(exc, StorageError) and isinstance(exc, OSError) and not retryable(exc) \
-        else "exception"
+    peer = None
+    if isinstance(exc, StorageError) and isinstance(exc, OSError) and not retryable(exc):
+        kind = "storage"
+    elif decide.is_collective_error(str(exc)):
+        kind, peer = "collective", decide.peer_rank(str(exc))
+    else:
+        kind = "exception"
     return WorkerFailure(world_rank=world_rank, node_id=node_id, pid=os.getpid() if pid is None else pid,
-                         kind=kind, exc_type=type(exc).__name__, message=str(exc),
+                         kind=kind, exc_type=type(exc).__name__, message=str(exc), peer_rank=peer,
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 

@@ -14,6 +14,7 @@ conformance suite's backends) execute the same decisions. No I/O, no Ray, no clo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -25,9 +26,28 @@ from trainkit.policies import FailureDecision, decide_failure, decide_resize
 COLLATERAL = ("Connection closed by peer", "Connection reset", "torchrun stopped this rank (SIGTERM)")
 
 
+# what a torch.distributed collective raises when a peer is gone or slow (gloo, NCCL, the c10d store)
+_COLLECTIVE = re.compile(r"Connection closed by peer|Connection reset by peer|gloo|NCCL|ProcessGroup|"
+                         r"c10d|Timed out waiting|Socket Timeout|Broken pipe", re.IGNORECASE)
+_PEER = re.compile(r"\b(?:peer |remote )?rank[ :=]+(\d+)", re.IGNORECASE)
+
+
+def is_collective_error(message: str) -> bool:
+    """Whether an exception's message is a torch.distributed collective's error (a peer gone, a timeout)."""
+    return bool(_COLLECTIVE.search(message or ""))
+
+
+def peer_rank(message: str) -> Optional[int]:
+    """The peer rank a collective's error message names (NCCL's ``rank 1``), if it names one."""
+    m = _PEER.search(message or "")
+    return int(m.group(1)) if m else None
+
+
 def root_cause_first(failures) -> list[WorkerFailure]:
-    """User exceptions and deaths before the collateral damage (peers' broken collectives)."""
-    return sorted(failures, key=lambda f: 1 if any(c in f.message for c in COLLATERAL) else 0)
+    """User exceptions and deaths before the collateral damage (peers' broken collectives); otherwise in
+    the order they happened."""
+    return sorted(failures, key=lambda f: 1 if f.kind == "collective" or any(c in f.message for c in COLLATERAL)
+                  else 0)
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def _first_failures(store: RunStore, attempt: int, world_size: int, own, failed_
     ``FAILURE_WAIT_S`` for them when its own failure is a broken collective (a peer that died or raised)."""
     from trainkit.errors import WorkerFailure
 
-    collateral = any(c in own.message for c in decide.COLLATERAL)
+    collateral = own.kind == "collective" or any(c in own.message for c in decide.COLLATERAL)
     deadline = time.monotonic() + (FAILURE_WAIT_S if collateral else 0.0)
     found: dict = {}
     while True:

@@ -45,6 +45,11 @@ def suggestions(status: str, failures: Sequence, hangs: Sequence, debuggers: Seq
         out["ranks made different numbers of report()/collective calls: make every rank call report() the same "
             "number of times"] = None
     for f in failures:
+        if f.worker.kind == "collective" and all(g.worker.kind == "collective" for g in failures):
+            peer = getattr(f.worker, "peer_rank", None)
+            out[f"rank {f.worker.world_rank}'s torch.distributed collective failed"
+                + (f" with rank {peer}" if peer is not None else "") + ": a peer died, hung or was stopped; look at "
+                "that peer's log, and raise TorchConfig(timeout_s=...) if it was only slow"] = None
         if f.worker.kind == "oom":
             out[f"rank {f.worker.world_rank} was killed for memory: lower its batch or model size, look for memory "
                 "that grows step after step (tensors kept for logging, a growing cache), or give each worker more "
