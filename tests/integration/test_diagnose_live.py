@@ -20,6 +20,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(180)]
 
 
+def wait_for_first_report(run: str, timeout_s: float = 90) -> None:
+    """Until the run folder's event stream has a committed report (the run is underway)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = os.path.join(run, "events.jsonl")
+        if os.path.exists(events) and "report_committed" in open(events).read():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run} never committed its first report within {timeout_s:.0f} s")
+
+
 def _slow_rank_one(config):
     trainkit.report({"step": 1})
     if trainkit.get_context().get_world_rank() == 1:
@@ -45,14 +56,7 @@ def test_live_dumps_both_ranks_of_a_running_ray_run(storage_path, tmp_path, caps
     t.start()
     run = os.path.join(storage_path, "live")
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            events = os.path.join(run, "events.jsonl")
-            if os.path.exists(events) and "report_committed" in open(events).read():
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the run never committed its first report")
+        wait_for_first_report(run)
         capsys.readouterr()
         assert diagnose(argparse.Namespace(run=run, live=True, json="-")) == 0
         live = {r["world_rank"]: r for r in json.loads(capsys.readouterr().out)["live"]}

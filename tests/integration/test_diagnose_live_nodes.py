@@ -16,6 +16,8 @@ from trainkit.diagnostics.run_report import load_report
 from trainkit.torch import TorchTrainer
 from trainkit_testing.cluster import Cluster
 
+from test_diagnose_live import wait_for_first_report
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
@@ -43,12 +45,7 @@ def test_live_dumps_the_ranks_on_each_node_through_a_task_there(tmp_path):
         t.start()
         try:
             run = os.path.join(storage, "nodes")
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                p = os.path.join(run, "events.jsonl")
-                if os.path.exists(p) and "report_committed" in open(p).read():
-                    break
-                time.sleep(0.1)
+            wait_for_first_report(run)
             report = load_report(run)
             nodes = {r.node_id for r in report.ranks}
             assert len(nodes) == 2 and nodes <= set(cluster_node_ids(cluster)), nodes
