@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["num_workers", "scaling_configs", "fault_schedules"]
+__all__ = ["num_workers", "scaling_configs", "fault_schedules", "trust_schedules"]
 
 
 def num_workers(max_workers: int = 4, *, elastic: bool = True, local: bool = False):
@@ -47,6 +47,21 @@ def scaling_configs(max_workers: int = 4, *, elastic: bool = True, local: bool =
 
     return st.builds(ScalingConfig, num_workers=num_workers(max_workers, elastic=elastic, local=local),
                      placement_strategy=st.sampled_from(tuple(placement_strategies)))
+
+
+def trust_schedules(kinds: tuple = ()):
+    """``(kind, params)`` schedules of ``trainkit_testing.trust``: storage faults (a full disk, an object
+    store's quota, torn and refused PUTs), exceptions, a killed driver, a second driver; run one with
+    ``trust.run_schedule(kind, params, workdir)``. ``kinds`` narrows the fault kinds (default: all)."""
+    import random
+
+    from hypothesis import strategies as st
+
+    from trainkit_testing import trust
+
+    pool = tuple(kinds) or trust.KINDS
+    return st.tuples(st.sampled_from(pool), st.integers(0, 2**32 - 1)).map(
+        lambda t: (t[0], trust.draw(random.Random(t[1]), t[0])))
 
 
 def __getattr__(name: str) -> Any:

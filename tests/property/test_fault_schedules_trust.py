@@ -5,8 +5,10 @@ clean fit resumes the run. Nothing acknowledged is lost and no run folder is lef
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from trainkit_testing import trust
+from trainkit_testing.strategies import trust_schedules
 
 pytestmark = [pytest.mark.property, pytest.mark.timeout(600)]
 
@@ -43,3 +45,13 @@ def test_a_generated_fault_loses_nothing_acknowledged_and_leaves_the_run_intact(
     assert out.lost == [], f"{kind} {params}: acknowledged checkpoints lost: {out.lost}"
     assert out.corrupted == [], f"{kind} {params}: {out.corrupted}"
     assert out.resumed_from is not None and out.resumed_from >= max(out.acked, default=0)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schedule=trust_schedules(kinds=("disk_full", "enospc", "torn", "raise")))
+def test_generated_storage_faults_lose_nothing(schedule, tmp_path_factory):
+    kind, params = schedule
+    out = trust.run_schedule(kind, params, str(tmp_path_factory.mktemp("trust")))
+    if out.skipped:
+        return
+    assert out.lost == [] and out.corrupted == [], f"{kind} {params}: lost {out.lost}; {out.corrupted}"

@@ -39,6 +39,19 @@ def test_a_checkpoint_named_by_the_manifest_whose_folder_is_gone_is_a_problem(tm
     assert "checkpoint_4 is in run_state.json but its folder is missing" in render_text(rep)
 
 
+def test_a_checkpoint_whose_files_changed_since_its_commit_is_a_problem(tmp_path):
+    run = _with_checkpoints(_write_run(tmp_path, status="finished", hang=False), n=2)
+    state = json.loads((run / "run_state.json").read_text())
+    for c in state["checkpoints"]:
+        c["files"] = {"model.pt": 10}
+    (run / "run_state.json").write_text(json.dumps(state))
+    assert load_report(str(run)).problems == ()
+    (run / "checkpoint_2" / "model.pt").write_bytes(b"xx")
+    (rep_problem,) = load_report(str(run)).problems
+    assert rep_problem == ("checkpoint_2 is damaged (model.pt has 2 bytes, 10 when it was committed): a resume skips "
+                           "it for the latest intact checkpoint")
+
+
 def test_a_missing_manifest_is_said_and_no_attempt_is_shown_running_in_an_ended_run(tmp_path):
     run = _write_run(tmp_path, status="failed", hang=False)
     (run / "run_state.json").unlink()

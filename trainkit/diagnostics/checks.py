@@ -5,7 +5,7 @@
   report is built from what can be trusted and never prints a damaged value as if it
   were true.
 * ``checkpoint_problems(store, state)``: checkpoints the manifest names whose folder is
-  missing (one listing of the run folder).
+  missing or whose files are not what was committed (one listing of the run folder).
 
 Pure except for ``checkpoint_problems``'s one listing; runs in the process of
 ``trainkit diagnose`` (and of the pytest plugin's failure report).
@@ -56,19 +56,29 @@ def manifest_problems(state: Any) -> tuple[dict, list[str]]:
 
 
 def checkpoint_problems(store, state: dict) -> list[str]:
-    """The checkpoints ``state`` names whose folder is not in the run folder."""
-    named = [c["dir"] for c in state.get("checkpoints") or [] if isinstance(c.get("dir"), str)]
+    """The checkpoints ``state`` names that are missing or damaged (a file gone, or of another size
+    than at its commit): one listing of the run folder, sizes only."""
+    from trainkit.result import verify_entries
+
+    entries = [c for c in state.get("checkpoints") or [] if isinstance(c.get("dir"), str)]
     latest = state.get("latest_checkpoint")
-    if isinstance(latest, str) and latest not in named:
-        named.append(latest)
-    if not named:
+    if isinstance(latest, str) and latest not in {c["dir"] for c in entries}:
+        entries.append({"dir": latest})
+    if not entries:
         return []
     try:
-        present = set(store.list_dirs())
+        verdicts = verify_entries(store, entries)
     except OSError as e:
         return [f"cannot list the run folder to check its checkpoints: {type(e).__name__}: {e}"]
-    return [f"{d} is in run_state.json but its folder is missing: a resume cannot use it"
-            for d in named if d not in present]
+    out = []
+    for d, problem in verdicts.items():
+        if problem is None:
+            continue
+        if problem == "its folder is missing":
+            out.append(f"{d} is in run_state.json but its folder is missing: a resume cannot use it")
+        else:
+            out.append(f"{d} is damaged ({problem}): a resume skips it for the latest intact checkpoint")
+    return out
 
 
 def _short(value: Any) -> str:
