@@ -16,6 +16,7 @@ import logging
 import sys
 
 from trainkit import events as ev
+from trainkit.errors import TrainkitError
 from trainkit.diagnostics import stacks
 from trainkit.diagnostics.stragglers import DESCRIPTIONS, Straggler, summarize_samples
 
@@ -41,8 +42,12 @@ async def sample_straggler(run, attempt, straggler: Straggler) -> None:
         median_step_s=straggler.median_step_s, others_median_step_s=straggler.others_median_step_s,
         classification=summary["kind"], user_frame=summary["user_frame"], samples=summary["samples"],
         frames=dict(list(summary["frames"].items())[:TOP_FRAMES]), error=error)
-    if run.ledger is not None:
-        run.ledger.emit(event, flush=True)
+    try:
+        if run.ledger is not None:
+            run.ledger.emit(event, flush=True)
+    except TrainkitError as e:  # the storage refused it (full, taken over): the run says why elsewhere
+        logger.warning("trainkit: could not record %s: %s", summary_line(event), e)
+        return
     line = summary_line(event)
     logger.warning("trainkit: %s", line)
     print(f"trainkit: {line}", file=sys.stderr, flush=True)

@@ -90,6 +90,8 @@ class Controller:
             attempt = self._begin(run, group)
             number = attempt.number
             outcome = await supervise(run, attempt, hooks, ray.get_runtime_context().current_actor)
+            if attempt.tasks:  # a straggler's sample still being taken: its event belongs to this attempt
+                await asyncio.wait(set(attempt.tasks), timeout=spec.run_config.straggler_config.sample_s + 5)
             run.attempt = None  # over: late calls of its ranks are told to stop
             action, run.budget = decide(outcome, run.budget, spec.run_config.failure_config)
             if isinstance(action, Finish):
