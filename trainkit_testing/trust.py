@@ -216,7 +216,6 @@ def draw(rng: random.Random, kind: str) -> dict:
 def run_schedule(kind: str, params: dict, workdir: str, *, s3_root: Optional[str] = None) -> Outcome:
     """Run one schedule in ``workdir`` (a fresh folder) and judge it; ``put_fail`` runs on ``s3_root``
     (an ``s3://bucket/prefix`` on a moto server) when given, else on local disk."""
-    from trainkit import Result
     from trainkit.errors import TrainkitError
 
     t0 = time.monotonic()
@@ -239,7 +238,7 @@ def run_schedule(kind: str, params: dict, workdir: str, *, s3_root: Optional[str
             before = len(out.acked)
             _judge_resume(out, root, name, config, None)
             out.acked = out.acked[:before]
-            _judge_folder(out, root, name, None, Result)
+            _judge_folder(out, root, name, None)
         finally:
             unmount(root)
         out.wall_s = round(time.monotonic() - t0, 3)
@@ -299,7 +298,7 @@ def run_schedule(kind: str, params: dict, workdir: str, *, s3_root: Optional[str
     before = len(out.acked)
     _judge_resume(out, root, name, config, fs)
     out.acked = out.acked[:before]
-    _judge_folder(out, root, name, fs, Result)
+    _judge_folder(out, root, name, fs)
     out.wall_s = round(time.monotonic() - t0, 3)
     return out
 
@@ -325,7 +324,8 @@ def _judge_resume(out: Outcome, root: str, name: str, config: dict, fs) -> None:
         out.corrupted.append(f"the resumed run ended at step {result.metrics.get('step')}, not {STEPS}")
 
 
-def _judge_folder(out: Outcome, root: str, name: str, fs, Result) -> None:
+def _judge_folder(out: Outcome, root: str, name: str, fs) -> None:
+    from trainkit import Result
     from trainkit.diagnostics.run_report import load_report
     from trainkit.storage import RunStore
 

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from trainkit.backends.barrier import describe_ranks
 from trainkit.errors import (HangDetectedError, StorageFailedError, TrainingFailedError, WorkerFailure,
                              WorkerGroupError)
 from trainkit.policies import FailureDecision, decide_failure, decide_resize
@@ -163,7 +164,7 @@ def decide_at_commit(*, index: int, checkpointed: bool, world_size: int, preempt
     report), or probe for capacity."""
     if preempted:
         ranks = sorted(preempted)
-        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+        who = describe_ranks(ranks)
         return StopAfterCommit(WorkerFailure(world_rank=ranks[0], node_id=preempted[ranks[0]], kind="preempted",
                                              exc_type="Preempted", message=f"{who} preempted; stopped after "
                                                                            f"report {index}"))

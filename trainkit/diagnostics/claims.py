@@ -3,8 +3,8 @@ touches only that run's processes.
 
 While a training function runs, its process keeps a small file
 ``<tmp>/trainkit-ranks/<pid>.json`` (``{"run", "world_rank", "attempt", "started"}``;
-``started`` is the process's start time from ``/proc``, so that a reused pid does not
-inherit a claim). ``check(pid, run_uri)`` is what ``diagnose --live`` asks before it
+``started`` is the process's start time, ``trainkit.owner.process_started``, so that a
+reused pid does not inherit a claim). ``check(pid, run_uri)`` is what ``diagnose --live`` asks before it
 dumps a pid taken from a run folder's events: a pid without a claim, with a claim for
 another run, or whose start time differs is refused with the reason. An ``events.jsonl``
 that names any pid therefore cannot make trainkit run py-spy on a process outside the run.
@@ -22,6 +22,8 @@ import tempfile
 import time
 from typing import Iterator, Optional
 
+from trainkit.owner import process_started
+
 
 def claims_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "trainkit-ranks")
@@ -29,15 +31,6 @@ def claims_dir() -> str:
 
 def _claim_path(pid: int) -> str:
     return os.path.join(claims_dir(), f"{pid}.json")
-
-
-def process_start(pid: int) -> Optional[str]:
-    """The start time of ``pid`` in clock ticks since boot (field 22 of ``/proc/<pid>/stat``)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().decode(errors="replace").rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 @contextlib.contextmanager
@@ -51,7 +44,7 @@ def claim(run_uri: str, world_rank: int, attempt: int) -> Iterator[None]:
         sweep()
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"run": run_uri, "world_rank": world_rank, "attempt": attempt, "started": process_start(pid)}, f)
+            json.dump({"run": run_uri, "world_rank": world_rank, "attempt": attempt, "started": process_started(pid)}, f)
         os.replace(tmp, path)
         written = True
     except OSError:
@@ -78,7 +71,7 @@ def sweep() -> None:
         pid = name.split(".", 1)[0]
         path = os.path.join(claims_dir(), name)
         with contextlib.suppress(OSError):
-            if pid.isdigit() and process_start(int(pid)) is None and now - os.path.getmtime(path) > SWEEP_AFTER_S:
+            if pid.isdigit() and process_started(int(pid)) is None and now - os.path.getmtime(path) > SWEEP_AFTER_S:
                 os.remove(path)
 
 
@@ -93,7 +86,7 @@ def check(pid: int, run_uri: str) -> Optional[str]:
         return f"pid {pid}: its rank claim cannot be read ({type(e).__name__})"
     if not isinstance(doc, dict) or doc.get("run") != run_uri:
         return f"pid {pid} is a rank of another run ({doc.get('run') if isinstance(doc, dict) else '?'})"
-    started = process_start(pid)
+    started = process_started(pid)
     if started is None:
         return f"pid {pid} is gone"
     if doc.get("started") != started:

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from trainkit.diagnostics.classify import Frame, classify_thread, parse_dump, training_thread
+from trainkit.diagnostics.classify import Frame, classify_thread, is_user_frame, parse_dump, training_thread
 
 KINDS = ("data_loading", "compute", "collective", "checkpoint_io", "user_code", "unknown")
 DESCRIPTIONS = {"data_loading": "waiting for data", "compute": "computing in torch",
@@ -85,7 +85,7 @@ def sample_kind(frames: Sequence[Frame]) -> tuple[str, Optional[Frame]]:
     for f in frames:
         p = "/" + f.file.replace("\\", "/")
         if any(m in p for m in _IO_MARKERS):
-            return "checkpoint_io", next((u for u in frames if _user(u)), None)
+            return "checkpoint_io", next((u for u in frames if is_user_frame(u)), None)
     kind, user = classify_thread(list(frames))
     if kind in ("data_loading", "collective"):
         return kind, user
@@ -95,12 +95,6 @@ def sample_kind(frames: Sequence[Frame]) -> tuple[str, Optional[Frame]]:
     if inner is not None and "/torch/" in "/" + inner.file.replace("\\", "/"):
         return "compute", user
     return ("user_code", user) if user is not None else ("unknown", None)
-
-
-def _user(frame: Frame) -> bool:
-    from trainkit.diagnostics.classify import is_user_frame
-
-    return is_user_frame(frame)
 
 
 def summarize_samples(texts: Sequence[str]) -> dict:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from trainkit.backends.ray.capacity import held_by_node
+from trainkit.backends.ray.capacity import add_resources, held_by_node
 from trainkit.config import PROCESS_GROUP_TIMEOUT_S
 from trainkit.errors import ControllerError
 
@@ -104,10 +104,7 @@ class WorkerPool:
         """Resources the warm idle groups hold, by node (a new run may take them)."""
         out: dict[str, dict] = {}
         for g in self.idle:
-            for n, res in g.held().items():
-                node = out.setdefault(n, {})
-                for r, v in res.items():
-                    node[r] = node.get(r, 0) + v
+            add_resources(out, g.held())
         return out
 
     def release(self, group: Group, healthy: bool) -> None:
