@@ -260,8 +260,11 @@ class RunConfig:
     worker_runtime_env: Optional[dict] = None
     verbose: Optional[int] = None
     straggler_config: Optional[StragglerConfig] = None  # trainkit: stragglers named in the event stream
+    spare_workers: int = 0  # trainkit: pre-started workers kept per run to replace a dead rank (issue 17)
 
     def __post_init__(self):
+        if isinstance(self.spare_workers, bool) or not isinstance(self.spare_workers, int) or self.spare_workers < 0:
+            raise ConfigError("RunConfig.spare_workers", self.spare_workers, "an int >= 0 (0: no hot spares)")
         name = default_run_name() if self.name is None else self.name
         if not isinstance(name, str):
             raise ConfigError("RunConfig.name", self.name, "a string")
@@ -291,6 +294,27 @@ class RunConfig:
             if isinstance(cb, type):
                 raise ConfigError("RunConfig.callbacks", cb, "callback instances, not classes")
         object.__setattr__(self, "callbacks", tuple(cbs))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which datasets are split across ranks (Ray's ``ray.train.DataConfig``, same parameters).
+
+    ``datasets_to_split``: ``"all"`` (default) or a list of dataset names; a dataset not named is
+    given whole to every rank. ``execution_options`` is Ray Data's (``ExecutionOptions`` or a dict
+    of them per dataset); ``enable_shard_locality`` as Ray's.
+    """
+
+    datasets_to_split: Any = "all"
+    execution_options: Any = None
+    enable_shard_locality: bool = True
+
+    def __post_init__(self):
+        d = self.datasets_to_split
+        if d != "all":
+            if isinstance(d, str) or not isinstance(d, (list, tuple)) or not all(isinstance(x, str) for x in d):
+                raise ConfigError("DataConfig.datasets_to_split", d, '"all" or a list of dataset names')
+            object.__setattr__(self, "datasets_to_split", list(d))
 
 
 _BACKENDS = (None, "gloo", "nccl")
