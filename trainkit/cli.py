@@ -9,6 +9,7 @@ anything is imported):
     chaos        fault_injection.chaos.main(args)   extra: chaos
     diagnose     diagnose(args) below: trainkit.diagnostics.run_report, .render (.live for --live)
     conformance  conformance.runner.main(args)      extra: testing
+    migrate      trainkit.migrate.run(args)         (also ``python -m trainkit.migrate``)
 
 The one error boundary: a ``TrainkitError`` is printed as ``error:`` (and ``hint:``) and
 exits 2, with a traceback only under ``-v``; a closed pipe (``trainkit diagnose RUN | head``)
@@ -71,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("-k", dest="keyword", metavar="EXPR", default=None, help="only cases matching EXPR (pytest -k)")
     _json_option(k, "the outcome per case")
     k.set_defaults(entry="conformance.runner:main", extra="testing")
+
+    m = sub.add_parser("migrate", help="rewrite Ray Train programs to use trainkit (the import swap), in place",
+                       description="Rewrite ray.train imports and uses to trainkit in Python files, on tokens "
+                                   "(never in strings or comments); both `from ray.train import ...` and "
+                                   "`import ray` ... `ray.train.report(...)` work afterwards.")
+    m.add_argument("files", nargs="+", metavar="FILE", help="Python files to rewrite")
+    mode = m.add_mutually_exclusive_group()
+    mode.add_argument("--diff", action="store_true", help="print a unified diff; write nothing")
+    mode.add_argument("--check", action="store_true", help="exit 1 when a file would change; write nothing")
+    m.set_defaults(entry="trainkit.migrate:run", extra=None)
     return p
 
 
