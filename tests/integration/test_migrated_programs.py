@@ -111,7 +111,28 @@ def test_the_fault_tolerance_program_resumes_from_its_checkpoint_on_ray_workers(
     marker = tmp_path / "crashed"
     _run_here(migrated / "fault_tolerance.py", monkeypatch, NUM_WORKERS=2, STORAGE=tmp_path / "s",
               OUT=tmp_path / "o", CRASH_ONCE=marker)
-    data = json.loads((tmp_path / "o").read_text())
+    _check_resumed(tmp_path / "o", marker)
+
+
+def _check_resumed(out: pathlib.Path, marker: pathlib.Path) -> None:
+    data = json.loads(out.read_text())
     assert marker.exists(), "the first attempt did crash"
     assert data["error"] is None
     assert data["metrics"] == {"epoch": 3, "start_epoch": 2}, "the retry resumed after the epoch-1 checkpoint"
+
+
+def test_the_fault_tolerance_program_resumes_in_local_mode(migrated, tmp_path, monkeypatch):
+    # a deliberate difference (docs/local_mode.md): trainkit's local mode retries in-process, Ray's does not
+    _run_here(migrated / "fault_tolerance.py", monkeypatch, NUM_WORKERS=0, STORAGE=tmp_path / "s",
+              OUT=tmp_path / "o", CRASH_ONCE=tmp_path / "crashed")
+    _check_resumed(tmp_path / "o", tmp_path / "crashed")
+
+
+def test_the_fault_tolerance_program_resumes_under_torchrun_restarts(migrated, tmp_path):
+    # under torchrun the restart is torchrun's (--max-restarts), and the restarted fit() resumes by name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(migrated / "fault_tolerance.py")]
+    proc = _subprocess(cmd, tmp_path, NUM_WORKERS=0, STORAGE=tmp_path / "s", OUT=tmp_path / "o",
+                       CRASH_ONCE=tmp_path / "crashed")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    _check_resumed(tmp_path / "o", tmp_path / "crashed")

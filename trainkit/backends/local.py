@@ -77,7 +77,7 @@ class TorchDistCoordinator:
         def commit(gathered):
             metrics, d, files = barrier.report_payload(index, {r: m[2:5] for r, m in enumerate(gathered)})
             self.ledger.commit(self.attempt, index, metrics, d, files, world_size=self.world_size,
-                               barrier_s=time.perf_counter() - t0)
+                               barrier_s=time.perf_counter() - t0, rank_metrics=[m[2] or {} for m in gathered])
             return d
 
         return ReportReply(self._round(("report", index, metrics, checkpoint_dir, files), commit))
@@ -86,13 +86,17 @@ class TorchDistCoordinator:
         return self._round((op, seq, payload if world_rank == 0 else None, None, None),
                            lambda gathered: gathered[0][2])
 
+    def validated(self, checkpoint_dir: str, metrics: dict, status: str) -> None:
+        if self.ledger is not None:  # validations run on rank 0, which holds the ledger
+            self.ledger.validated(checkpoint_dir, metrics, status)
+
     def finish(self, reports: int) -> None:
         """Every rank returned from the training function; ``reports`` is this rank's report count."""
         self._round(("finish", 1, reports, None, None), lambda gathered: None)
 
     def reported_checkpoints(self):
         def listing(_g):
-            return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
+            return self.ledger.reported_checkpoints()
 
         return self._round(("reported_checkpoints", 0, None, None, None), listing)
 
@@ -110,6 +114,27 @@ class LocalBackend:
         return api.run_attempts(spec, backend_name="local", num_workers=0)
 
 
+def _restart_store(rank: int, world_size: int, timeout) -> dict:
+    """``init_process_group`` keywords giving a torchrun restart its own keys in the agent's store.
+
+    torchrun's static rendezvous (``--master-addr/--master-port``) keeps one TCPStore for the
+    whole job, and workers use it unprefixed (``TORCHELASTIC_USE_AGENT_STORE``). After a
+    ``--max-restarts`` restart, a new rank can read a dead rank's gloo address from the previous
+    round and fail with "Connection refused" (measured here: 1 restart in 3). Prefixing by
+    ``TORCHELASTIC_RESTART_COUNT`` gives every round fresh keys. Outside torchelastic's agent
+    store: no keywords (torch's own ``env://``).
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return {}
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host_name=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]), world_size=world_size,
+                          is_master=False, timeout=timeout)
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"trainkit/restart-{restart}", store), "rank": rank, "world_size": world_size}
+
+
 def _run_torchrun(spec: api.TrainSpec, env: dict):
     import torch
     import torch.distributed as dist
@@ -125,8 +150,8 @@ def _run_torchrun(spec: api.TrainSpec, env: dict):
             torch.cuda.set_device(local_rank)
         import datetime
 
-        dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(seconds=getattr(tc, "timeout_s", PROCESS_GROUP_TIMEOUT_S)))
+        timeout = datetime.timedelta(seconds=getattr(tc, "timeout_s", PROCESS_GROUP_TIMEOUT_S))
+        dist.init_process_group(backend=backend, timeout=timeout, **_restart_store(rank, world_size, timeout))
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     rc = spec.run_config
     # Every process resolved its own default name: rank 0's wins.
@@ -240,6 +265,7 @@ def _run_rank(spec, store, ledger, boot, group, rank, world_size, local_rank, lo
         with api.install_session(session):
             try:
                 value = api.call_train_fn(spec)
+                session.drain()  # an ASYNC report in flight and rank 0's validations end with the function
                 # A rank that returns while others still report is a mismatch, found here at once.
                 coord.finish(session.index)
             except Exception as e:  # noqa: BLE001
