@@ -8,15 +8,17 @@ Runs in the driver (and is pickled to workers).
 
 from __future__ import annotations
 
+import enum
+import logging
 import math
 import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Protocol, Sequence, Tuple, Union
 
 from trainkit import _env
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, DeprecatedSettingError
 
 _PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _STORAGE_SCHEMES = ("", "file", "local", "s3", "memory", "gs", "gcs")
@@ -42,8 +44,22 @@ class ScalingConfig:
     resources_per_worker: Optional[dict] = None
     placement_strategy: str = "PACK"
     trainer_resources: Optional[dict] = None
+    accelerator_type: Optional[str] = None
+    label_selector: Any = None
+    use_tpu: bool = False
+    topology: Optional[str] = None
+    elastic_resize_monitor_interval_s: float = 60.0
 
     def __post_init__(self):
+        if self.use_tpu:
+            raise ConfigError("ScalingConfig.use_tpu", self.use_tpu, "False (trainkit runs on CPUs and GPUs only)")
+        if self.topology is not None:
+            raise ConfigError("ScalingConfig.topology", self.topology, "None (a TPU setting; trainkit has no TPUs)")
+        if self.accelerator_type is not None and not isinstance(self.accelerator_type, str):
+            raise ConfigError("ScalingConfig.accelerator_type", self.accelerator_type, "None or an accelerator name")
+        v = self.elastic_resize_monitor_interval_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError("ScalingConfig.elastic_resize_monitor_interval_s", v, "a number of seconds >= 0")
         n = self.num_workers
         if isinstance(n, list):
             n = tuple(n)
@@ -79,6 +95,14 @@ class ScalingConfig:
         if res.get("GPU", 0) > 0 and not self.use_gpu:
             raise ConfigError("ScalingConfig.resources_per_worker", self.resources_per_worker,
                               "no GPU unless use_gpu=True", hint="set use_gpu=True")
+        ls = self.label_selector
+        if ls is not None:
+            if isinstance(ls, list):
+                if len(ls) != self.max_workers or not all(isinstance(x, dict) for x in ls):
+                    raise ConfigError("ScalingConfig.label_selector", ls,
+                                      f"a dict, or a list of {self.max_workers} dicts (one per worker)")
+            elif not isinstance(ls, dict):
+                raise ConfigError("ScalingConfig.label_selector", ls, "None, a dict or a list of dicts")
 
     @property
     def local_mode(self) -> bool:
@@ -104,6 +128,8 @@ class ScalingConfig:
             res.setdefault("GPU", 1)
         if not res:
             res = {"CPU": 1}
+        if self.accelerator_type:
+            res[f"accelerator_type:{self.accelerator_type}"] = 0.001
         return res
 
 
@@ -118,9 +144,28 @@ class FailureConfig:
 
     max_failures: int = 0
     max_preemptions: int = -1
+    fail_fast: Any = None
+    controller_failure_limit: int = -1
+    max_preemption_failures: Optional[int] = None  # Ray's name for max_preemptions
+    relax_collectives_on_preemption: bool = False
+    preemption_grace_s: float = 0.0
 
     def __post_init__(self):
-        for fname in ("max_failures", "max_preemptions"):
+        if self.fail_fast is not None:
+            raise DeprecatedSettingError("FailureConfig.fail_fast", "removed in Ray Train V2")
+        if self.max_preemption_failures is not None:
+            if self.max_preemptions not in (-1, self.max_preemption_failures):
+                raise ConfigError("FailureConfig.max_preemption_failures", self.max_preemption_failures,
+                                  f"the same as max_preemptions={self.max_preemptions} (they are one setting)")
+            object.__setattr__(self, "max_preemptions", self.max_preemption_failures)
+        object.__setattr__(self, "max_preemption_failures", self.max_preemptions)
+        if not isinstance(self.relax_collectives_on_preemption, bool):
+            raise ConfigError("FailureConfig.relax_collectives_on_preemption", self.relax_collectives_on_preemption,
+                              "True or False")
+        g = self.preemption_grace_s
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0 or math.isinf(g):
+            raise ConfigError("FailureConfig.preemption_grace_s", g, "a number of seconds >= 0")
+        for fname in ("max_failures", "max_preemptions", "controller_failure_limit"):
             v = getattr(self, fname)
             if not _is_int(v) or v < -1:
                 raise ConfigError(f"FailureConfig.{fname}", v, "an int >= 0, or -1 for unlimited")
@@ -136,8 +181,15 @@ class CheckpointConfig:
     num_to_keep: Optional[int] = None
     checkpoint_score_attribute: Optional[str] = None
     checkpoint_score_order: str = "max"
+    checkpoint_frequency: Any = None
+    checkpoint_at_end: Any = None
 
     def __post_init__(self):
+        for fname in ("checkpoint_frequency", "checkpoint_at_end"):
+            if getattr(self, fname) is not None:
+                raise DeprecatedSettingError(f"CheckpointConfig.{fname}",
+                                             "removed in Ray Train V2: report a checkpoint from the training "
+                                             "function when you want one")
         if self.num_to_keep is not None and (not _is_int(self.num_to_keep) or self.num_to_keep < 1):
             raise ConfigError("CheckpointConfig.num_to_keep", self.num_to_keep, "None or an int >= 1")
         if self.checkpoint_score_order not in ("min", "max"):
@@ -261,8 +313,19 @@ class RunConfig:
     verbose: Optional[int] = None
     straggler_config: Optional[StragglerConfig] = None  # trainkit: stragglers named in the event stream
     spare_workers: int = 0  # trainkit: pre-started workers kept per run to replace a dead rank (issue 17)
+    logging_config: Optional["LoggingConfig"] = None
+    # Ray Train V2 removed these (Ray Tune settings): any value raises, naming the setting, as Ray does.
+    sync_config: Any = None
+    stop: Any = None
+    progress_reporter: Any = None
+    log_to_file: Any = None
 
     def __post_init__(self):
+        for fname in ("sync_config", "verbose", "stop", "progress_reporter", "log_to_file"):
+            if getattr(self, fname) is not None:
+                raise DeprecatedSettingError(
+                    f"RunConfig.{fname}", "a Ray Tune setting that Ray Train V2 removed (Ray 2.60 raises too); "
+                    "run the trainer inside a Ray Tune trial if you need it")
         if isinstance(self.spare_workers, bool) or not isinstance(self.spare_workers, int) or self.spare_workers < 0:
             raise ConfigError("RunConfig.spare_workers", self.spare_workers, "an int >= 0 (0: no hot spares)")
         name = default_run_name() if self.name is None else self.name
@@ -289,11 +352,145 @@ class RunConfig:
                 object.__setattr__(self, fname, cls())
             elif not isinstance(v, cls):
                 raise ConfigError(f"RunConfig.{fname}", v, f"a trainkit.{cls.__name__}")
+        # None: trainkit's logger is left as the application set it up (Ray's default is LoggingConfig("INFO"))
+        if self.logging_config is not None and not isinstance(self.logging_config, LoggingConfig):
+            raise ConfigError("RunConfig.logging_config", self.logging_config, "None or a trainkit.LoggingConfig")
         cbs = list(self.callbacks or [])
         for cb in cbs:
             if isinstance(cb, type):
                 raise ConfigError("RunConfig.callbacks", cb, "callback instances, not classes")
         object.__setattr__(self, "callbacks", tuple(cbs))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """The level of trainkit's own logs (the ``trainkit`` logger), as Ray's ``ray.train.LoggingConfig``.
+
+    Applied in the driver, in the process that coordinates the run and in every rank. The
+    level is upper-cased; an unknown one raises ``ConfigError``.
+
+    >>> LoggingConfig("debug").log_level
+    'DEBUG'
+    """
+
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        levels = sorted(k for k in logging.getLevelNamesMapping())
+        if not isinstance(self.log_level, str) or self.log_level.upper() not in levels:
+            raise ConfigError("LoggingConfig.log_level", self.log_level, "one of " + ", ".join(levels))
+        object.__setattr__(self, "log_level", self.log_level.upper())
+
+    def apply(self) -> None:
+        """Set the ``trainkit`` logger's level in this process."""
+        logging.getLogger("trainkit").setLevel(self.log_level)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Ray's ``ray.train.SyncConfig`` (same parameters). Ray Train V2 rejects it in ``RunConfig`` (a
+    Ray Tune setting), and so does trainkit; it exists so that code importing it keeps importing."""
+
+    sync_period: int = 300
+    sync_timeout: int = 1800
+    sync_artifacts: bool = False
+    sync_artifacts_on_checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Base of the per-framework settings a trainer passes to its workers (``TorchConfig``).
+
+    ``DataParallelTrainer(backend_config=BackendConfig())`` sets up no framework, as in Ray.
+    """
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+class CheckpointUploadMode(enum.Enum):
+    """How ``report(checkpoint=...)`` stores the checkpoint (Ray's ``ray.train.CheckpointUploadMode``).
+
+    ``SYNC``: copied into the run folder before ``report()`` returns. ``ASYNC``: ``report()``
+    returns at once and the copy and commit go on in the background (the local folder is deleted
+    afterwards by default). ``NO_UPLOAD``: the checkpoint is already in the run folder.
+    """
+
+    ASYNC = "ASYNC"
+    SYNC = "SYNC"
+    NO_UPLOAD = "NO_UPLOAD"
+
+    def default_delete_local_checkpoint_after_upload(self) -> bool:
+        return self == CheckpointUploadMode.ASYNC
+
+
+class CheckpointConsistencyMode(enum.Enum):
+    """What ``get_all_reported_checkpoints`` waits for (Ray's ``ray.train.CheckpointConsistencyMode``).
+
+    ``COMMITTED``: this rank's reports are committed (ASYNC uploads included). ``VALIDATED``: also
+    no validation of them is still running.
+    """
+
+    COMMITTED = "COMMITTED"
+    VALIDATED = "VALIDATED"
+
+
+class ValidationFn(Protocol):
+    """A function that validates a checkpoint: ``fn(checkpoint, **kwargs) -> dict`` of metrics."""
+
+    def __call__(self, checkpoint: Any, **kwargs: Any) -> Dict: ...
+
+
+@dataclass
+class ValidationTaskConfig:
+    """One validation's settings, passed as ``report(..., validation=ValidationTaskConfig(...))``.
+
+    ``fn_kwargs`` update the trainer's ``ValidationConfig.task_config.fn_kwargs``; ``timeout_s``
+    (None: none) bounds how long the validation may run before it is marked ``VALIDATION_TIMEOUT``.
+    """
+
+    fn_kwargs: Optional[Dict[str, Any]] = None
+    timeout_s: Optional[float] = None
+
+    def __post_init__(self):
+        if self.fn_kwargs is None:
+            self.fn_kwargs = {}
+        if not isinstance(self.fn_kwargs, dict):
+            raise ConfigError("ValidationTaskConfig.fn_kwargs", self.fn_kwargs, "a dict of keyword arguments")
+        t = self.timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ConfigError("ValidationTaskConfig.timeout_s", t, "None or a number of seconds > 0")
+
+
+class ValidationConfig:
+    """Validation of reported checkpoints (Ray's ``ray.train.ValidationConfig``), passed to the trainer.
+
+    ``fn(checkpoint, **fn_kwargs)`` runs on each committed checkpoint reported with
+    ``validation=True`` (or a ``ValidationTaskConfig``), one at a time, in a background thread
+    of world rank 0, while training goes on; the dict it returns is merged into that checkpoint's
+    metrics. ``ray_remote_kwargs`` is accepted for Ray compatibility (trainkit runs no Ray task).
+
+    >>> cfg = ValidationConfig(lambda ckpt, **kw: {"val_loss": 0.1})
+    >>> cfg.task_config.fn_kwargs
+    {}
+    """
+
+    def __init__(self, fn: ValidationFn, task_config: Optional[ValidationTaskConfig] = None,
+                 ray_remote_kwargs: Optional[Dict[str, Any]] = None):
+        if not callable(fn):
+            raise ConfigError("ValidationConfig.fn", fn, "a function fn(checkpoint, **kwargs) -> dict")
+        if task_config is not None and not isinstance(task_config, ValidationTaskConfig):
+            raise ConfigError("ValidationConfig.task_config", task_config, "a trainkit.ValidationTaskConfig or None")
+        if ray_remote_kwargs is not None and not isinstance(ray_remote_kwargs, dict):
+            raise ConfigError("ValidationConfig.ray_remote_kwargs", ray_remote_kwargs, "a dict or None")
+        self.fn = fn
+        self.task_config = task_config if task_config is not None else ValidationTaskConfig()
+        self.ray_remote_kwargs = dict(ray_remote_kwargs or {})
+
+
+TRAIN_DATASET_KEY = "train"  # the dataset name Ray's framework integrations read (ray.train.TRAIN_DATASET_KEY)
 
 
 @dataclass(frozen=True)
@@ -324,7 +521,7 @@ PROCESS_GROUP_TIMEOUT_S = 1800.0  # torch.distributed's timeout for a collective
 
 
 @dataclass(frozen=True)
-class TorchConfig:
+class TorchConfig(BackendConfig):
     """torch.distributed settings: ``backend`` None picks NCCL with GPUs, else gloo.
 
     Re-exported as ``trainkit.torch.TorchConfig``; defined here so that the controller,

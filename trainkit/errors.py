@@ -81,6 +81,24 @@ def _rebuild_scenario_error(cls, message, path, line, key, suggestion):
     return cls(message, path=path, line=line, key=key, suggestion=suggestion)
 
 
+class DeprecatedSettingError(ConfigError, DeprecationWarning):
+    """A setting Ray Train V2 removed was given. Ray raises ``DeprecationWarning`` for these; this
+    error is both that and a ``ConfigError``, so code written for either catches it.
+
+    >>> str(DeprecatedSettingError("RunConfig.verbose", "a Ray Tune setting"))
+    'RunConfig.verbose is not supported: a Ray Tune setting'
+    """
+
+    def __init__(self, field_name: str, why: str = ""):
+        TrainkitError.__init__(self, f"{field_name} is not supported: {why}" if why else
+                               f"{field_name} is not supported")
+        self.field, self.value, self.allowed, self.hint = field_name, None, "", ""
+        self.why = why
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.why))
+
+
 class MissingExtraError(TrainkitError, ImportError):
     """A feature needs an optional dependency group (an "extra") that is not installed.
 
@@ -190,6 +208,25 @@ class WorkerFailure:
         return f"{self.exc_type}: {self.message}" if self.exc_type else self.message
 
 
+@dataclass(frozen=True)
+class PreemptionInfo:
+    """An imminent preemption (Ray's ``ray.train.PreemptionInfo``): ``deadline_ms``, the earliest
+    deadline across the noticed nodes (UNIX time in ms; None when the notice gave none), and
+    ``preempted_node_to_ranks``, node id -> the world ranks on it. ``get_preemption_info()``
+    returns one; so does ``PreemptionError.preemption_info``."""
+
+    deadline_ms: int | None
+    preempted_node_to_ranks: dict
+
+    @property
+    def preempted_node_ids(self) -> list:
+        return sorted(self.preempted_node_to_ranks)
+
+    @property
+    def preempted_ranks(self) -> list:
+        return sorted({r for ranks in self.preempted_node_to_ranks.values() for r in ranks})
+
+
 class TrainingFailedError(TrainkitError):
     """A run failed for good (retries exhausted or not retryable), as in Ray Train V2.
 
@@ -260,10 +297,51 @@ class HangDetectedError(WorkerGroupError):
     _prefix = "Training failed due to a hang"
 
 
+class NCCLHangError(HangDetectedError):
+    """A hang inside an NCCL collective (Ray's ``ray.train.NCCLHangError``, a ``WorkerGroupError``).
+
+    trainkit names it where the hung ranks' stacks are inside a ``torch.distributed`` call on
+    the NCCL backend; everything ``HangDetectedError`` says holds.
+    """
+
+    _prefix = "Training failed due to an NCCL hang"
+
+
+class PreemptionError(TrainingFailedError):
+    """The run was preempted more often than ``FailureConfig.max_preemptions`` allows (Ray's
+    ``ray.train.PreemptionError``). ``preemption_info`` is a ``trainkit.PreemptionInfo``: which
+    nodes' ranks were preempted; ``drain_timed_out`` is False (trainkit stops a noticed group at
+    its next committed report, not at the drain deadline)."""
+
+    _prefix = "Training failed due to preemption"
+
+    def __init__(self, message: str = "", failures: list[WorkerFailure] | None = None, *,
+                 preemption_info: Any = None, drain_timed_out: bool = False):
+        super().__init__(message, failures)
+        if preemption_info is None:
+            nodes: dict = {}
+            for f in self.failures:
+                if f.kind == "preempted":
+                    nodes.setdefault(f.node_id, []).append(f.world_rank)
+            preemption_info = PreemptionInfo(None, {n: sorted(r) for n, r in nodes.items()})
+        self.preemption_info = preemption_info
+        self.drain_timed_out = drain_timed_out
+
+    def __reduce__(self):
+        return (_rebuild_preemption, (type(self), self.message, [f.to_dict() for f in self.failures],
+                                      self.preemption_info, self.drain_timed_out))
+
+
+def _rebuild_preemption(cls, message, failures, info, drain_timed_out):
+    return cls(message, [WorkerFailure.from_dict(f) for f in failures], preemption_info=info,
+               drain_timed_out=drain_timed_out)
+
+
 _FAILED_KINDS = {c.__name__: c for c in (TrainingFailedError, WorkerGroupError, ControllerError,
-                                         HangDetectedError, StorageFailedError)}
+                                         HangDetectedError, StorageFailedError, NCCLHangError, PreemptionError)}
 
 __all__ = [
     "TrainkitError", "ConfigError", "ScenarioError", "StorageError", "RunOwnedError", "StorageFailedError", "CheckpointError", "ReportError", "SessionError",
     "WorkerFailure", "TrainingFailedError", "WorkerGroupError", "ControllerError", "HangDetectedError",
+    "NCCLHangError", "PreemptionError", "DeprecatedSettingError",
 ]

@@ -95,6 +95,8 @@ class RunLedger:
         state["checkpoint_config"] = _ckpt_cfg_dict(checkpoint_config)
         self.state = state
         self._finished = False
+        self.rank_metrics: Optional[list] = None  # every rank's metrics of the report being committed
+        self._pending_validation: set = set()  # checkpoint folders whose validation has not ended
         self._resolved = None  # resolve_checkpoints' answer at finish(), for result()
         self._lineage = lineage(read.events)
         skipped = self._fall_back_to_intact()
@@ -269,40 +271,69 @@ class RunLedger:
     # -- commits ------------------------------------------------------------------------
     def commit(self, attempt: int, index: int, metrics: dict, checkpoint_dir: Optional[str] = None,
                rank_files: Optional[dict] = None, world_size: int = 1, barrier_s: float = 0.0,
-               step_s: tuple = ()) -> None:
+               step_s: tuple = (), rank_metrics: Optional[list] = None) -> None:
         """Commit report ``index``. ``rank_files`` maps world rank -> files it wrote; ``step_s`` is each
-        rank's step time (world rank order), for the straggler table."""
+        rank's step time (world rank order), for the straggler table; ``rank_metrics`` every rank's
+        metrics (world rank order), for ``UserCallback.after_report``."""
         metrics = ev.jsonable(metrics)
+        self.rank_metrics = list(rank_metrics) if rank_metrics is not None else None
         self._guard()  # before the checkpoint's manifest entry and its event: the run is still this driver's
         if checkpoint_dir is not None:
             check_checkpoint_dir_name(checkpoint_dir)
             self._warn_shared_names(rank_files or {}, checkpoint_dir)
             entry = {"index": index, "dir": checkpoint_dir, "metrics": metrics, "attempt": attempt,
                      "time": time.time(), "files": self._committed_files(index, checkpoint_dir, rank_files or {})}
+            if checkpoint_dir in self._pending_validation:
+                entry["status"] = "PENDING_VALIDATION"
             ckpts = [c for c in self.state["checkpoints"] if c["index"] < index or c["dir"] != checkpoint_dir]
             ckpts.append(entry)
             self.state["checkpoints"] = ckpts
             self.state["latest_checkpoint"] = checkpoint_dir
-            entries = checkpoint_entries(self.state)
-            retention = decide_retention(entries, self.config.num_to_keep,
-                                         self.config.checkpoint_score_attribute,
-                                         self.config.checkpoint_score_order)
-            kept = {id(e) for e in retention.keep}
-            self.state["checkpoints"] = [c for c, e in zip(ckpts, entries) if id(e) in kept]
-            keep_dirs = {e.dir for e in retention.keep}
-            self._write()  # the commit point
-            for e in retention.delete:
-                if e.dir not in keep_dirs:
-                    try:
-                        self.store.delete_dir(e.dir)
-                    except StorageError as err:  # committed already; the next attempt's clean-up tries again
-                        logger.warning("could not delete %s, dropped by CheckpointConfig: %s", e.dir, err)
+            self._retain()  # the commit point is its manifest write
         while self._lineage and self._lineage[-1][0] >= index:
             self._lineage.pop()
         self._lineage.append((index, metrics))
         self._emit(ev.ReportCommitted(attempt=attempt, index=index, metrics=metrics, checkpoint=checkpoint_dir,
                                       world_size=world_size, barrier_s=round(barrier_s, 6), step_s=tuple(step_s)),
                    flush=checkpoint_dir is not None)
+
+    def _retain(self) -> None:
+        """Apply ``CheckpointConfig`` retention, write the manifest, then delete the dropped folders. A
+        checkpoint whose validation has not ended is kept (as Ray keeps it) until it has."""
+        ckpts = self.state["checkpoints"]
+        entries = checkpoint_entries(self.state)
+        retention = decide_retention(entries, self.config.num_to_keep,
+                                     self.config.checkpoint_score_attribute,
+                                     self.config.checkpoint_score_order)
+        kept = {id(e) for e in retention.keep}
+        self.state["checkpoints"] = [c for c, e in zip(ckpts, entries)
+                                     if id(e) in kept or c.get("status") == "PENDING_VALIDATION"]
+        keep_dirs = {c["dir"] for c in self.state["checkpoints"]}
+        self._write()
+        for e in retention.delete:
+            if e.dir not in keep_dirs:
+                try:
+                    self.store.delete_dir(e.dir)
+                except StorageError as err:  # committed already; the next attempt's clean-up tries again
+                    logger.warning("could not delete %s, dropped by CheckpointConfig: %s", e.dir, err)
+
+    def reported_checkpoints(self) -> list:
+        """``(folder, metrics, status)`` of every retained checkpoint, in manifest order."""
+        return [(c["dir"], c["metrics"], c.get("status", "COMMITTED")) for c in self.state["checkpoints"]]
+
+    def validated(self, checkpoint_dir: str, metrics: dict, status: str) -> None:
+        """A validation of ``checkpoint_dir`` is pending (``PENDING_VALIDATION``, said before its report
+        is committed) or ended: its metrics join the checkpoint's, retention is applied again."""
+        if status == "PENDING_VALIDATION":
+            self._pending_validation.add(checkpoint_dir)
+            return
+        self._pending_validation.discard(checkpoint_dir)
+        entry = self._entry(checkpoint_dir)
+        if entry is None:
+            return
+        entry["metrics"] = {**(entry.get("metrics") or {}), **ev.jsonable(metrics)}
+        entry["status"] = status
+        self._retain()
 
     def _committed_files(self, index: int, checkpoint_dir: str, rank_files: dict) -> dict:
         """Name -> size of every file in the checkpoint folder (one listing), after checking that every

@@ -34,9 +34,11 @@ class Result:
     """
 
     def __init__(self, metrics: Optional[dict] = None, checkpoint: Optional[Checkpoint] = None,
-                 path: Optional[str] = None, error: Optional[BaseException] = None,
-                 best_checkpoints: Optional[list] = None, history: Optional[list] = None,
-                 return_value: Any = None, filesystem: Any = None, attempts: int = 1):
+                 error: Optional[BaseException] = None, path: Optional[str] = None, metrics_dataframe: Any = None,
+                 best_checkpoints: Optional[list] = None, _storage_filesystem: Any = None, return_value: Any = None,
+                 *, history: Optional[list] = None, filesystem: Any = None, attempts: int = 1):
+        # Ray's parameters, in Ray's order; history (the report rows), filesystem and attempts are trainkit's.
+        filesystem = filesystem if filesystem is not None else _storage_filesystem
         self.metrics = metrics
         self.checkpoint = checkpoint
         self.path = path
@@ -46,7 +48,17 @@ class Result:
         self.attempts = attempts
         self._history = list(history or [])
         self._filesystem = filesystem
-        self._df = None
+        self._df = metrics_dataframe if history is None else None
+        if history is None and metrics_dataframe is not None and hasattr(metrics_dataframe, "to_dict"):
+            self._history = metrics_dataframe.to_dict("records")
+
+    @property
+    def config(self):
+        """Removed in Ray Train V2: raises, as Ray's does."""
+        from trainkit.errors import DeprecatedSettingError
+
+        raise DeprecatedSettingError("Result.config", "removed in Ray Train V2 (Ray 2.60 raises too); keep the "
+                                     "train_loop_config you passed to the trainer")
 
     @property
     def filesystem(self):

@@ -67,15 +67,31 @@ class DataParallelTrainer:
     def __init__(self, train_loop_per_worker: Callable, *, train_loop_config: Optional[dict] = None,
                  scaling_config: Optional[ScalingConfig] = None, run_config: Optional[RunConfig] = None,
                  datasets: Optional[dict] = None, backend_config: Any = None, dataset_config: Any = None,
-                 backend: Optional[str] = None, **deprecated: Any):
-        for key in ("resume_from_checkpoint", "metadata"):
-            if deprecated.get(key) is not None:
-                raise ConfigError(key, "...", "not supported (as in Ray Train V2)",
-                                  hint="resume by re-running with the same RunConfig(name, storage_path)")
-        unknown = set(deprecated) - {"resume_from_checkpoint", "metadata"}
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}")
+                 backend: Optional[str] = None, validation_config: Any = None,
+                 resume_from_checkpoint: Any = None, metadata: Optional[dict] = None):
+        from trainkit.errors import DeprecatedSettingError
+
+        for key, value in (("resume_from_checkpoint", resume_from_checkpoint), ("metadata", metadata)):
+            if value is not None:
+                raise DeprecatedSettingError(key, "not supported (as in Ray Train V2): resume by re-running with "
+                                             "the same RunConfig(name, storage_path)")
         self.takes_config = validate_train_fn(train_loop_per_worker)
+        from trainkit.config import BackendConfig, ValidationConfig
+
+        if validation_config is not None and not isinstance(validation_config, ValidationConfig):
+            raise ConfigError("validation_config", validation_config, "None or a trainkit.ValidationConfig")
+        if backend_config is not None and not isinstance(backend_config, BackendConfig):
+            raise ConfigError("backend_config", backend_config, "None or a trainkit.BackendConfig (TorchConfig)")
+        if validation_config is not None:
+            from trainkit._serialize import dumps_train_fn
+
+            try:
+                dumps_train_fn(validation_config.fn)
+            except Exception as e:  # noqa: BLE001 - shipped to rank 0 like the training function
+                raise ConfigError("ValidationConfig.fn", getattr(validation_config.fn, "__name__", "..."),
+                                  "a function that can be pickled to worker processes",
+                                  hint=f"{type(e).__name__}: {e}") from None
+        self.validation_config = validation_config
         if train_loop_config is not None and not isinstance(train_loop_config, dict):
             raise ConfigError("train_loop_config", type(train_loop_config).__name__, "a dict or None")
         scaling_config = scaling_config if scaling_config is not None else ScalingConfig()
@@ -90,9 +106,13 @@ class DataParallelTrainer:
         self.train_loop_config = train_loop_config
         self.scaling_config = scaling_config
         self.run_config = run_config
+        from trainkit.data.ingest import apply_data_config
+
         self.datasets = dict(datasets or {})
         self.backend_config = backend_config
         self.dataset_config = dataset_config
+        # DataConfig: bad settings fail here; unsplit datasets and execution options travel with the datasets
+        self._ingest_datasets = apply_data_config(self.datasets, dataset_config)
         self.backend_name = backend or _env.BACKEND.get()
         self._backend = get_backend(self.backend_name)  # unknown names fail here, before fit()
         if scaling_config.local_mode and not handles_local_mode(self._backend):
@@ -101,12 +121,19 @@ class DataParallelTrainer:
     def _spec(self) -> TrainSpec:
         return TrainSpec(train_fn=self.train_loop_per_worker, train_loop_config=self.train_loop_config,
                          scaling_config=self.scaling_config, run_config=self.run_config,
-                         torch_config=self.backend_config, datasets=self.datasets,
-                         takes_config=self.takes_config)
+                         torch_config=self.backend_config, datasets=self._ingest_datasets,
+                         takes_config=self.takes_config, validation_config=self.validation_config)
 
     def fit(self):
         """Run training and return a ``Result``; raises ``TrainingFailedError`` if the run fails."""
+        if self.run_config.logging_config is not None:  # the driver's logs (the ranks' and controller's: at start)
+            self.run_config.logging_config.apply()
         return self._backend.run(self._spec())
+
+    @classmethod
+    def can_restore(cls, *args, **kwargs):
+        raise ConfigError("Trainer.can_restore", "...", "not supported (as in Ray Train V2)",
+                          hint="a run resumes when fit() runs again with the same RunConfig(name, storage_path)")
 
     @classmethod
     def restore(cls, *args, **kwargs):

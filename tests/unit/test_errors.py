@@ -10,7 +10,8 @@ import pytest
 from trainkit import errors
 from trainkit.errors import (CheckpointError, ConfigError, ControllerError, HangDetectedError, MissingExtraError,
                              OutputError, ReportError, StorageFailedError, RunOwnedError, ScenarioError, SessionError, StorageError, TrainingFailedError, TrainkitError,
-                             WorkerFailure, WorkerGroupError)
+                             WorkerFailure, WorkerGroupError, NCCLHangError, PreemptionError, PreemptionInfo,
+                             DeprecatedSettingError)
 
 _FAILURES = [
     WorkerFailure(world_rank=1, node_id="node-abcdef0123456789", pid=4242, kind="died", exc_type="",
@@ -35,10 +36,17 @@ _EXAMPLES = [
     ControllerError("placement group never ready"),
     HangDetectedError("ranks [1] missing at report 3", _FAILURES[:1]),
     StorageFailedError("the storage is full", _FAILURES[:1]),
+    NCCLHangError("ranks [1] stuck in all_reduce", _FAILURES[:1]),
+    PreemptionError("2 preemption(s), max_preemptions=1",
+                    [WorkerFailure(world_rank=1, node_id="n1", kind="preempted", message="preempted")]),
+    PreemptionError("explicit info", [], preemption_info=PreemptionInfo(1700000000000, {"n2": [0, 1]}),
+                    drain_timed_out=True),
+    DeprecatedSettingError("RunConfig.verbose", "a Ray Tune setting"),
     MissingExtraError("trainkit chaos", "chaos", ["pydantic", "yaml"], "pip install 'trainkit[chaos]'"),
 ]
 
-_FIELDS = ("feature", "extra", "missing", "field", "value", "allowed", "hint", "path", "line", "key", "suggestion", "message", "failures")
+_FIELDS = ("feature", "extra", "missing", "field", "value", "allowed", "hint", "path", "line", "key", "suggestion", "message", "failures",
+           "preemption_info", "drain_timed_out", "why")
 
 
 def _exception_classes():
@@ -58,6 +66,18 @@ def test_every_exception_is_under_trainkit_error():
     assert issubclass(HangDetectedError, TrainingFailedError)
     assert issubclass(SessionError, RuntimeError)
     assert issubclass(RunOwnedError, ConfigError) and issubclass(RunOwnedError, StorageError)
+    assert issubclass(NCCLHangError, HangDetectedError) and issubclass(NCCLHangError, WorkerGroupError)
+    assert issubclass(PreemptionError, TrainingFailedError) and not issubclass(PreemptionError, WorkerGroupError)
+    assert issubclass(DeprecatedSettingError, ConfigError) and issubclass(DeprecatedSettingError, DeprecationWarning)
+
+
+def test_a_preemption_error_names_the_preempted_nodes_and_ranks_from_its_failures():
+    e = PreemptionError("x", [WorkerFailure(world_rank=2, node_id="a", kind="preempted"),
+                              WorkerFailure(world_rank=0, node_id="a", kind="preempted"),
+                              WorkerFailure(world_rank=1, node_id="b", kind="died")])
+    assert e.preemption_info == PreemptionInfo(None, {"a": [0, 2]})
+    assert e.preemption_info.preempted_ranks == [0, 2] and e.preemption_info.preempted_node_ids == ["a"]
+    assert TrainingFailedError.from_dict(e.to_dict()).__class__ is PreemptionError
 
 
 @pytest.mark.parametrize("exc", _EXAMPLES, ids=lambda e: f"{type(e).__name__}")

@@ -92,16 +92,72 @@ def failure_from(exc: BaseException, world_rank: int, *, node_id: str = "local",
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
+class _UserCallbacks:
+    """Calls the run's ``UserCallback`` hooks from the ledger's events: ``after_report`` at each
+    ``report_committed`` (every rank's metrics, as the coordinator gave them to the commit),
+    ``after_exception`` at each ``worker_failed``."""
+
+    def __init__(self, ledger: RunLedger, spec: TrainSpec, callbacks: list):
+        from trainkit.callback import TrainRunContext
+
+        self.ledger = ledger
+        self.callbacks = callbacks
+        self.context = TrainRunContext(spec.run_config, spec.train_loop_config, spec.scaling_config,
+                                       spec.torch_config, getattr(spec, "dataset_config", None))
+
+    def __call__(self, event) -> None:
+        from trainkit import events as ev
+        from trainkit.checkpoint import Checkpoint
+        from trainkit.errors import WorkerFailure
+
+        if isinstance(event, ev.ReportCommitted):
+            per_rank = self.ledger.rank_metrics
+            metrics = list(per_rank) if per_rank is not None else [dict(event.metrics)]
+            store = self.ledger.store
+            ckpt = Checkpoint(store.path(event.checkpoint), store.fs) if event.checkpoint else None
+            for cb in self.callbacks:
+                cb.after_report(self.context, metrics, ckpt)
+        elif isinstance(event, ev.WorkerFailed):
+            failures = {f["world_rank"]: WorkerFailure.from_dict(f) for f in event.failures}
+            for cb in self.callbacks:
+                cb.after_exception(self.context, failures)
+
+
 def subscribe_callbacks(ledger: RunLedger, spec: TrainSpec) -> None:
-    """Let the run's callbacks with ``on_event`` see every event the ledger writes."""
+    """Let the run's callbacks with ``on_event`` see every event the ledger writes, call the
+    ``UserCallback`` hooks, and apply the run's ``LoggingConfig`` in this process."""
+    from trainkit.callback import UserCallback
+
+    if spec.run_config.logging_config is not None:
+        spec.run_config.logging_config.apply()
+    users = []
     for cb in spec.run_config.callbacks:
         if hasattr(cb, "on_event"):
             ledger.events.subscribe(cb.on_event)
+        if isinstance(cb, UserCallback):
+            users.append(cb)
+    if users:
+        ledger.events.subscribe(_UserCallbacks(ledger, spec, users))
+
+
+class RunSettings:
+    """The run-wide settings a rank's session needs, shipped with the worker hooks: the trainer's
+    ``ValidationConfig`` (None: none) and the ``LoggingConfig`` applied when the session starts."""
+
+    def __init__(self, validation_config: Any = None, logging_config: Any = None):
+        self.validation_config = validation_config
+        self.logging_config = logging_config
+
+    def on_session_start(self, ctx) -> None:
+        if self.logging_config is not None:
+            self.logging_config.apply()
 
 
 def worker_hooks(spec: TrainSpec) -> list:
-    """The per-rank halves of the run's callbacks (``FaultPlan``, ``RankDebugger``, ...)."""
-    return [cb.worker_hook() for cb in spec.run_config.callbacks if hasattr(cb, "worker_hook")]
+    """The per-rank halves of the run's callbacks (``FaultPlan``, ``RankDebugger``, ...), and the
+    run's settings for the ranks (``RunSettings``)."""
+    hooks = [cb.worker_hook() for cb in spec.run_config.callbacks if hasattr(cb, "worker_hook")]
+    return hooks + [RunSettings(getattr(spec, "validation_config", None), spec.run_config.logging_config)]
 
 
 class InlineCoordinator:
@@ -115,14 +171,17 @@ class InlineCoordinator:
         t0 = time.perf_counter()
         self.ledger.commit(self.attempt, index, metrics or {}, checkpoint_dir,
                            {0: files} if checkpoint_dir else None, world_size=1,
-                           barrier_s=time.perf_counter() - t0)
+                           barrier_s=time.perf_counter() - t0, rank_metrics=[metrics or {}])
         return ReportReply(checkpoint_dir)
 
     def collective(self, world_rank, op, seq, payload):
         return payload
 
     def reported_checkpoints(self):
-        return [(c["dir"], c["metrics"]) for c in self.ledger.state["checkpoints"]]
+        return self.ledger.reported_checkpoints()
+
+    def validated(self, checkpoint_dir: str, metrics: dict, status: str) -> None:
+        self.ledger.validated(checkpoint_dir, metrics, status)
 
     def record_fault(self, fields: dict) -> bool:
         return self.ledger.record_fault(fields)
@@ -166,8 +225,12 @@ def _attempt_loop(spec: TrainSpec, ledger: RunLedger, coordinator, max_failures,
         raised = None
         try:
             with install_session(session):
-                outcome = decide.Outcome(value=call_train_fn(spec))
+                value = call_train_fn(spec)
+                session.drain()  # an ASYNC report in flight and the validations count for this attempt
+                outcome = decide.Outcome(value=value)
         except Exception as e:  # noqa: BLE001 - every user error is a failure of the attempt
+            with contextlib.suppress(Exception):  # an ASYNC report made before the error ends first (as SYNC's)
+                session.drain_reports()
             raised, outcome = e, decide.Outcome(failures=(failure_from(e, 0),))
         except BaseException as e:  # KeyboardInterrupt: record, then let it go
             ledger.finish("aborted", WorkerGroupError(f"aborted by {type(e).__name__}", [failure_from(e, 0)]))
@@ -188,4 +251,5 @@ def _attempt_loop(spec: TrainSpec, ledger: RunLedger, coordinator, max_failures,
 __all__ = ["Backend", "TrainSpec", "register_backend", "get_backend", "available_backends", "MULTI_WORKER",
            "FAULT_INJECTION", "ELASTIC", "VIRTUAL_NODES", "HANG_DIAGNOSTICS", "PREEMPTION", "DURABLE_REPORT",
            "Session", "Coordinator", "RankInfo", "ReportReply", "InlineCoordinator", "install_session",
-           "call_train_fn", "failure_from", "subscribe_callbacks", "worker_hooks", "run_attempts", "record_fault"]
+           "call_train_fn", "failure_from", "subscribe_callbacks", "worker_hooks", "run_attempts", "record_fault",
+           "RunSettings"]

@@ -74,8 +74,9 @@ class RayTrainBackend:
                "name": rc.name, "local_mode": sc.local_mode,
                "hooks": [cb.worker_hook() for cb in rc.callbacks if hasattr(cb, "worker_hook")]}
         ck = rc.checkpoint_config
+        storage_path, storage_fs = ray_storage(rc.storage_path)
         ray_rc = ray.train.RunConfig(
-            name=rc.name, storage_path=rc.storage_path,
+            name=rc.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=rc.failure_config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck.num_to_keep,
                                                          checkpoint_score_attribute=ck.checkpoint_score_attribute,
@@ -102,6 +103,33 @@ class RayTrainBackend:
                 if v is None:
                     os.environ.pop(k, None)
         return convert_result(result)
+
+
+    def result_from_path(self, path: str):
+        """``ray.train.Result.from_path`` of a run folder Ray Train wrote (its
+        ``checkpoint_manager_snapshot.json``), as a trainkit ``Result`` (Ray's ``error`` is always None)."""
+        import ray.train
+
+        storage_path, fs = ray_storage(path)
+        return convert_result(ray.train.Result.from_path(storage_path, storage_filesystem=fs))
+
+
+def ray_storage(path: str):
+    """(storage_path, pyarrow filesystem or None) for Ray Train: an ``s3://`` path goes with a pyarrow
+    ``S3FileSystem`` on ``$AWS_ENDPOINT_URL`` when that is set (moto, MinIO), since Ray Train resolves
+    ``s3://`` through pyarrow, which would otherwise ask AWS itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not path.startswith("s3://") or not endpoint:
+        return path, None
+    import pyarrow.fs
+
+    scheme, _, rest = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=rest or endpoint, scheme=scheme if rest else "https",
+                                 access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                                 secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                                 session_token=os.environ.get("AWS_SESSION_TOKEN"),
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return path[len("s3://"):], fs
 
 
 # -- conversions (driver) -------------------------------------------------------------------------
@@ -191,8 +219,25 @@ class _Forwarder:
         return convert_checkpoint(ray.train.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint: Optional[Checkpoint] = None,
-               checkpoint_dir_name: Optional[str] = None) -> None:
+               checkpoint_dir_name: Optional[str] = None, checkpoint_upload_mode: Any = None,
+               delete_local_checkpoint_after_upload: Optional[bool] = None, checkpoint_upload_fn: Any = None,
+               validation: Any = False) -> None:
         import ray.train
+
+        options: dict = {}  # trainkit's report options, as Ray Train's (passed on only when given)
+        if checkpoint_upload_mode is not None:
+            options["checkpoint_upload_mode"] = ray.train.CheckpointUploadMode(
+                getattr(checkpoint_upload_mode, "value", checkpoint_upload_mode))
+        if delete_local_checkpoint_after_upload is not None:
+            options["delete_local_checkpoint_after_upload"] = delete_local_checkpoint_after_upload
+        if checkpoint_upload_fn is not None:
+            options["checkpoint_upload_fn"] = lambda ckpt, name: ray.train.Checkpoint(
+                checkpoint_upload_fn(convert_checkpoint(ckpt), name).path)
+        if validation is not False:
+            from trainkit.config import ValidationTaskConfig
+
+            options["validation"] = (ray.train.ValidationTaskConfig(validation.fn_kwargs, validation.timeout_s)
+                                     if isinstance(validation, ValidationTaskConfig) else validation)
 
         index = self.index + 1
         for h in self.hooks:
@@ -204,11 +249,19 @@ class _Forwarder:
 
             path = checkpoint.path if is_local(checkpoint.filesystem) else checkpoint.to_directory()
             ray_ckpt = ray.train.Checkpoint.from_directory(path)
-        ray.train.report(metrics, checkpoint=ray_ckpt, checkpoint_dir_name=checkpoint_dir_name)
+        ray.train.report(metrics, checkpoint=ray_ckpt, checkpoint_dir_name=checkpoint_dir_name, **options)
         self.index = index
         for h in self.hooks:
             if hasattr(h, "after_report"):
                 h.after_report(self.context, index, metrics)
+
+    def get_preemption_info(self):
+        import ray.train
+
+        from trainkit.errors import PreemptionInfo
+
+        info = ray.train.get_preemption_info()
+        return None if info is None else PreemptionInfo(info.deadline_ms, dict(info.preempted_node_to_ranks))
 
     def collective(self, op: str, payload: Any = None) -> Any:
         import ray.train.collective  # not imported by `import ray.train` (reference §1.3)

@@ -31,7 +31,7 @@ from trainkit import events as ev
 from trainkit.diagnostics import stacks
 from trainkit.diagnostics.classify import classify_dump, parse_dump, training_thread
 from trainkit.diagnostics.watchdog import Hang, Observation, Watchdog, summary_line
-from trainkit.errors import HangDetectedError, WorkerFailure
+from trainkit.errors import HangDetectedError, NCCLHangError, WorkerFailure
 from trainkit.storage import DIAGNOSTICS
 
 logger = logging.getLogger("trainkit.hang")
@@ -153,8 +153,22 @@ async def handle(run, attempt, hc, hang: Hang) -> Optional[HangEnd]:
     if hc.action not in ("fail", "restart"):
         return None
     failures = _hang_failures(hang, [r for r, _ in rows], {r["world_rank"]: t for r, t in rows})
-    return HangEnd(tuple(failures), HangDetectedError(summary, failures) if hc.action == "fail" else None,
+    cls = hang_error_class([by_rank[r]["classification"] for r in hang.missing_ranks if r in by_rank],
+                           getattr(run.spec.torch_config, "backend", None))
+    return HangEnd(tuple(failures), cls(summary, failures) if hc.action == "fail" else None,
                    f"hang detected: {summary}")
+
+
+def hang_error_class(missing_classifications: list, backend: Optional[str]) -> type:
+    """``NCCLHangError`` (Ray's name, a ``HangDetectedError``) when a missing rank is stuck in a
+    torch.distributed collective on the NCCL backend; ``HangDetectedError`` otherwise.
+
+    >>> hang_error_class(["collective"], "nccl").__name__, hang_error_class(["collective"], "gloo").__name__
+    ('NCCLHangError', 'HangDetectedError')
+    """
+    if backend == "nccl" and "collective" in missing_classifications:
+        return NCCLHangError
+    return HangDetectedError
 
 
 def _rank_file(row: dict, text: str) -> str:

@@ -14,8 +14,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from trainkit.checkpoint import Checkpoint
 from trainkit.config import TorchConfig
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, DeprecatedSettingError
 from trainkit.session import current_session, rank_device
 from trainkit.trainer import DataParallelTrainer
 
@@ -29,15 +30,16 @@ class TorchTrainer(DataParallelTrainer):
 
     def __init__(self, train_loop_per_worker, *, train_loop_config: Optional[dict] = None,
                  torch_config: Optional[TorchConfig] = None, scaling_config=None, run_config=None,
-                 datasets: Optional[dict] = None, dataset_config: Any = None, backend: Optional[str] = None,
-                 **deprecated: Any):
+                 datasets: Optional[dict] = None, dataset_config: Any = None, validation_config: Any = None,
+                 metadata: Optional[dict] = None, resume_from_checkpoint: Any = None, backend: Optional[str] = None):
         torch_config = torch_config if torch_config is not None else TorchConfig()
         if not isinstance(torch_config, TorchConfig):
             raise ConfigError("torch_config", torch_config, "a trainkit.torch.TorchConfig")
         super().__init__(train_loop_per_worker, train_loop_config=train_loop_config,
                          scaling_config=scaling_config, run_config=run_config, datasets=datasets,
                          backend_config=torch_config, dataset_config=dataset_config, backend=backend,
-                         **deprecated)
+                         validation_config=validation_config, metadata=metadata,
+                         resume_from_checkpoint=resume_from_checkpoint)
         if torch_config.backend is None:
             chosen = "nccl" if self.scaling_config.use_gpu else "gloo"
             self.backend_config = TorchConfig(chosen, torch_config.timeout_s, torch_config.init_method)
@@ -60,6 +62,9 @@ def prepare_model(model: torch.nn.Module, move_to_device: bool | torch.device = 
                   parallel_strategy: Optional[str] = "ddp", parallel_strategy_kwargs: Optional[dict] = None):
     """Move ``model`` to the rank's device and wrap it in DDP when the world size is above 1.
 
+    ``parallel_strategy="fsdp"`` shards it instead: FSDP1 on CUDA (as Ray), FSDP2 ``fully_shard``
+    on CPU; ``"fsdp2"``: FSDP2 everywhere (``trainkit.torch.fsdp``, docs/frameworks.md).
+
     >>> model = prepare_model(torch.nn.Linear(4, 1))  # doctest: +SKIP
     """
     device = get_device()
@@ -67,9 +72,13 @@ def prepare_model(model: torch.nn.Module, move_to_device: bool | torch.device = 
         device = move_to_device
     if move_to_device:
         model = model.to(device)
+    if parallel_strategy not in ("ddp", "fsdp", "fsdp2", None):
+        raise ConfigError("prepare_model(parallel_strategy)", parallel_strategy, "'ddp', 'fsdp', 'fsdp2' or None")
+    if _world_size() > 1 and parallel_strategy in ("fsdp", "fsdp2"):
+        from trainkit.torch.fsdp import wrap_for_strategy
+
+        return wrap_for_strategy(model, parallel_strategy, device, parallel_strategy_kwargs)
     if _world_size() > 1 and parallel_strategy is not None:
-        if parallel_strategy != "ddp":
-            raise ConfigError("prepare_model(parallel_strategy)", parallel_strategy, "'ddp' or None")
         from torch.nn.parallel import DistributedDataParallel
 
         kwargs = dict(parallel_strategy_kwargs or {})
@@ -147,6 +156,12 @@ def prepare_data_loader(data_loader: DataLoader, add_dist_sampler: bool = True, 
 
 
 def enable_reproducibility(seed: int = 0) -> None:
+    """Limit nondeterminism, as Ray's: seed torch, ``random`` and NumPy with ``seed``, turn on
+    deterministic algorithms, turn off cuDNN benchmarking and set ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+    (which deterministic CUDA matmuls need).
+
+    >>> enable_reproducibility(seed=0)  # doctest: +SKIP
+    """
     import random
 
     import numpy as np
@@ -155,8 +170,84 @@ def enable_reproducibility(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.use_deterministic_algorithms(True)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
 
 
-__all__ = ["TorchTrainer", "TorchConfig", "prepare_model", "prepare_data_loader", "get_device", "get_devices",
-           "enable_reproducibility"]
+_AMP_REMOVED = ("was removed in Ray Train V2 (Ray 2.60 raises DeprecationWarning too): use torch's own "
+                "automatic mixed precision (torch.autocast and torch.amp.GradScaler) in the training function")
+
+
+def accelerate(amp: bool = False) -> None:
+    """Removed in Ray Train V2: raises, as Ray's does. Use ``torch.autocast`` instead."""
+    raise DeprecatedSettingError("trainkit.torch.accelerate()", _AMP_REMOVED)
+
+
+def prepare_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Removed in Ray Train V2: raises, as Ray's does. Use the optimizer as it is."""
+    raise DeprecatedSettingError("trainkit.torch.prepare_optimizer()", _AMP_REMOVED)
+
+
+def backward(tensor: torch.Tensor) -> None:
+    """Removed in Ray Train V2: raises, as Ray's does. Call ``tensor.backward()``."""
+    raise DeprecatedSettingError("trainkit.torch.backward()", _AMP_REMOVED)
+
+
+class TorchCheckpoint(Checkpoint):
+    """A ``Checkpoint`` with helpers for a torch model (Ray's ``ray.train.torch.TorchCheckpoint``).
+
+    ``from_state_dict`` / ``from_model`` write ``model.pt`` into a new temp folder;
+    ``get_model`` loads it back.
+
+    >>> ckpt = TorchCheckpoint.from_state_dict(torch.nn.Linear(2, 1).state_dict())  # doctest: +SKIP
+    >>> model = ckpt.get_model(torch.nn.Linear(2, 1))  # doctest: +SKIP
+    """
+
+    MODEL_FILENAME = "model.pt"
+
+    @classmethod
+    def _write(cls, obj: Any, preprocessor: Any = None) -> "TorchCheckpoint":
+        import tempfile
+
+        if preprocessor is not None:
+            raise ConfigError("TorchCheckpoint(preprocessor)", "...", "None (Ray Data preprocessors are not "
+                              "stored in trainkit checkpoints)")
+        d = tempfile.mkdtemp(prefix="trainkit_torch_ckpt_")
+        torch.save(obj, os.path.join(d, cls.MODEL_FILENAME))
+        return cls.from_directory(d)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, *, preprocessor: Any = None) -> "TorchCheckpoint":
+        return cls._write(state_dict, preprocessor)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, *, preprocessor: Any = None) -> "TorchCheckpoint":
+        return cls._write(model, preprocessor)
+
+    def get_preprocessor(self) -> None:
+        """Always None: trainkit checkpoints hold no Ray Data preprocessor."""
+        return None
+
+    def set_preprocessor(self, preprocessor: Any) -> None:
+        raise ConfigError("TorchCheckpoint.set_preprocessor(preprocessor)", type(preprocessor).__name__,
+                          "nothing: trainkit checkpoints hold no Ray Data preprocessor (save what you need as a file)")
+
+    def get_model(self, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+        """The model: ``model`` with the saved state dict loaded, or the saved module itself."""
+        with self.as_directory() as d:
+            saved = torch.load(os.path.join(d, self.MODEL_FILENAME), map_location="cpu",
+                               weights_only=isinstance(model, torch.nn.Module))
+        if isinstance(saved, torch.nn.Module):
+            if model is not None:
+                model.load_state_dict(saved.state_dict())
+                return model
+            return saved
+        if model is None:
+            raise ConfigError("TorchCheckpoint.get_model(model)", None,
+                              "the model to load the saved state dict into")
+        model.load_state_dict(saved)
+        return model
+
+
+__all__ = ["TorchTrainer", "TorchConfig", "TorchCheckpoint", "prepare_model", "prepare_data_loader", "get_device",
+           "get_devices", "enable_reproducibility", "prepare_optimizer", "backward", "accelerate"]
