@@ -1,4 +1,6 @@
-"""Dataset shards on a real local Ray: disjoint and covering, resumed mid-epoch exactly once.
+"""Dataset shards (the ``id`` path) on a real local Ray: disjoint and covering, resumed mid-epoch exactly once.
+
+Datasets without an ``id`` column (streamed as Ray does) are tested in test_data_streaming.py.
 
 One Ray for the session (``ray_up`` in conftest.py: the plugin's cluster, 4 CPUs per test process). Every run records the row
 ids each rank consumed with ``trainkit_testing.exactly_once.ExactlyOnce`` and is checked
@@ -153,14 +155,14 @@ def test_without_saved_shard_states_a_restart_replays_rows_and_the_check_says_wh
     assert "more than once" in report.describe()
 
 
-def test_a_ray_dataset_without_an_id_column_fails_before_any_worker_starts(storage_path):
+def test_a_ray_dataset_with_duplicate_ids_fails_before_any_worker_starts(storage_path):
     import ray
 
-    with pytest.raises(ConfigError, match="'id' column") as e:
-        _fit(_one_pass_fn, storage_path, "noid", workers=2, config={},
-             datasets={"train": ray.data.from_items([{"x": 1}, {"x": 2}])})
+    with pytest.raises(ConfigError, match="duplicate id=1") as e:
+        _fit(_one_pass_fn, storage_path, "dupid", workers=2, config={},
+             datasets={"train": ray.data.from_items([{"id": 1}, {"id": 2}, {"id": 1}], override_num_blocks=3)})
     assert "datasets['train']" in str(e.value)
-    assert not os.path.exists(os.path.join(storage_path, "noid", "events.jsonl"))
+    assert not os.path.exists(os.path.join(storage_path, "dupid", "events.jsonl"))
 
 
 def test_local_mode_resumes_a_ray_dataset_mid_epoch_exactly_once(storage_path):

@@ -2,13 +2,20 @@
 
 What runs where:
 
-* driver: ``prepare_datasets`` turns each Ray ``Dataset`` into a ``RayDataSource``: the
-  dataset is executed once per fit, its blocks are put in id order (rows are identified
-  by the column ``id``) and kept in the object store. Errors (no ``id`` column, duplicate
-  ids) are raised here, before any worker starts. Sequences (lists, map-style torch
-  datasets) are used as they are.
-* worker (each rank): ``make_shard`` builds this rank's ``DataShard``; it reads only the
-  blocks that hold its rows.
+* driver: ``TorchTrainer(dataset_config=DataConfig(...))`` is applied by ``ingest.apply_data_config``
+  (bad settings fail there). Before workers start, ``prepare_datasets`` turns each Ray
+  ``Dataset`` with an ``id`` column into a ``RayDataSource``: the dataset is executed once
+  per fit, streamed through the driver one block at a time to index its blocks in id order
+  (the blocks stay in the object store, spilled to disk past its capacity). Errors
+  (duplicate ids) are raised here, before any worker starts. A Ray ``Dataset`` without an
+  ``id`` column becomes a ``StreamingSource`` (``stream``): Ray Train's
+  ``streaming_split(world_size, equal=True)``, epochs restart on resume; ``add_ids`` gives a
+  dataset a stable ``id``. Sequences (lists, map-style torch datasets) are used as they are.
+* worker (each rank): ``make_shard`` builds this rank's ``DataShard`` (it reads only the
+  blocks that hold its rows, keeping at most ``sources.CACHE_BYTES`` of them) or
+  ``StreamingShard``.
+
+What follows is the ``id`` path (``DataShard``).
 
 Row order and positions: the rows of a source have a fixed order (id order for a Ray
 ``Dataset``, index order for a sequence); a row's *position* is its place in that order.
@@ -31,18 +38,23 @@ of consumed positions is recomputed from the state; the state stays small. Resto
 The remaining rows then form the first pass after the restore; every later
 ``iter_batches`` call is a full new epoch. See docs/data.md.
 
-The package, bottom up: ``plan`` (positions and plans, pure), ``sources`` (where rows come
-from), ``batches`` (torch tensors on the rank's device), ``shard`` (``DataShard`` and its
+The package, bottom up: ``plan`` (positions and plans, pure), ``batches`` (torch tensors on
+the rank's device, as Ray makes them), ``sources`` (where rows come from), ``stream`` (the
+no-id path), ``ingest`` (``DataConfig`` and ``add_ids``), ``shard`` (``DataShard`` and its
 iterables), ``state`` (state files beside a checkpoint).
 """
 
+from trainkit.data.ingest import add_ids, apply_data_config
 from trainkit.data.plan import (STATE_VERSION, from_ranges, iteration_order, plan_after_restore, ranges_len,
                                 remaining_positions, shard_bounds, to_ranges)
-from trainkit.data.shard import DataShard, ShardIterable, make_shard
-from trainkit.data.sources import ID_COLUMN, RayDataSource, SequenceSource, prepare_datasets, prepare_ray_dataset
+from trainkit.data.shard import DataShard, ShardIterable, StreamingShard, make_shard
+from trainkit.data.sources import (ID_COLUMN, Ingest, RayDataSource, SequenceSource, prepare_datasets,
+                                   prepare_ray_dataset)
 from trainkit.data.state import load_shard_states, save_shard_state, state_file_name
+from trainkit.data.stream import StreamingSource
 
 __all__ = ["DataShard", "ShardIterable", "RayDataSource", "SequenceSource", "make_shard", "prepare_datasets",
            "prepare_ray_dataset", "shard_bounds", "plan_after_restore", "iteration_order", "save_shard_state",
            "load_shard_states", "state_file_name", "STATE_VERSION", "ID_COLUMN", "to_ranges", "from_ranges",
-           "ranges_len", "remaining_positions"]
+           "ranges_len", "remaining_positions", "add_ids", "apply_data_config", "Ingest", "StreamingShard",
+           "StreamingSource"]
