@@ -26,6 +26,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "debug": ("debugpy",),
     "ray-train": ("pyarrow",),
     "examples": ("sklearn", "matplotlib"),
+    "lightning": ("lightning",),
+    "transformers": ("transformers", "accelerate"),
 }
 
 

@@ -28,7 +28,8 @@ def test_help_describes_every_command_for_a_user(capsys):
 def test_every_extra_named_in_code_is_declared_in_pyproject():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras.EXTRAS) <= set(declared)
-    assert {"s3", "chaos", "debug", "testing", "ray-train", "examples", "test", "all"} == set(declared)
+    assert {"s3", "chaos", "debug", "testing", "ray-train", "examples", "lightning", "transformers", "test",
+            "all"} == set(declared)
     assert set(declared["all"][0].split("[")[1].rstrip("]").split(",")) == set(declared) - {"test", "all"}
 
 
