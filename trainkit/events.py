@@ -158,6 +158,46 @@ class DebuggerListening(Event):
     reason: str = ""
 
 
+@_event("spare_ready")
+@dataclass(frozen=True)
+class SpareReady(Event):
+    """A hot spare (``RunConfig(spare_workers=N)``) was started: placed, torch imported, waiting."""
+
+    node_id: str = ""
+    pid: Optional[int] = None
+    ready: int = 0  # spares ready now, this one included
+    wanted: int = 0  # RunConfig.spare_workers
+    start_s: float = 0.0  # from its start to ready
+    warm: bool = False  # started for an earlier fit of a warm group this run took
+    regrow: bool = False  # in the slot of a rank an elastic group re-formed without: the group grows with it
+
+
+@_event("spare_used")
+@dataclass(frozen=True)
+class SpareUsed(Event):
+    """A hot spare took the place of a dead or stuck rank's process; the group re-forms with it."""
+
+    attempt: int = 0  # the attempt that failed
+    replaced_pid: Optional[int] = None
+    replaced_node_id: str = ""
+    pid: Optional[int] = None
+    node_id: str = ""
+    ready: int = 0  # spares still ready after this one was taken
+
+
+@_event("spare_unplaced")
+@dataclass(frozen=True)
+class SpareUnplaced(Event):
+    """A hot spare could not be placed or started; the run goes on without it."""
+
+    ready: int = 0
+    wanted: int = 0
+    waited_s: float = 0.0
+    reason: str = ""
+    gave_up: bool = False  # False: still waiting for room in the background
+    regrow: bool = False  # the slot of a rank an elastic group re-formed without (waits with no deadline)
+
+
 @_event("checkpoint_skipped")
 @dataclass(frozen=True)
 class CheckpointSkipped(Event):

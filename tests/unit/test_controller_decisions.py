@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from trainkit.backends import barrier as br
-from trainkit.backends.decide import (Abort, Budget, Fail, Finish, Outcome, Probe, Resize, Restart,
-                                      StopAfterCommit, decide, decide_at_commit, root_cause_first)
+from trainkit.backends.decide import (Abort, Budget, Fail, Finish, Outcome, Probe, RepairPlan, Resize, Restart,
+                                      StopAfterCommit, decide, decide_at_commit, plan_repair, root_cause_first)
 from trainkit.backends.ray.capacity import SUSPECT_S, add_resources, held_by_node, released, trusted
 from trainkit.backends.ray.worker_group import rank_layout
 from trainkit.config import FailureConfig
@@ -50,9 +50,13 @@ ROWS = [
      Budget(), FailureConfig(max_failures=1), Restart, Budget(1, 0), {"kind": "hang", "keep": frozenset({0})}),
     ("a hang with action=fail fails with its error", Outcome(failures=(_f(1, "hang"),), hang_error=HANG_ERR),
      Budget(), FailureConfig(max_failures=3), Fail, Budget(1, 0), {"kind": "hang", "error": HANG_ERR}),
-    ("an elastic group is re-sized, not repaired",
+    ("an elastic group keeps its survivors too (it re-forms smaller)",
      Outcome(failures=(_f(1, "died"),), returned=frozenset({0}), elastic=True), Budget(),
-     FailureConfig(max_failures=1), Restart, Budget(1, 0), {"keep": frozenset()}),
+     FailureConfig(max_failures=1), Restart, Budget(1, 0), {"keep": frozenset({0})}),
+    ("an elastic group keeps the ranks without a notice through a preemption",
+     Outcome(failures=(_f(1, "preempted"),), returned=frozenset({0, 1, 2}), preempted=frozenset({1}), elastic=True),
+     Budget(), FailureConfig(max_failures=0), Restart, Budget(0, 1),
+     {"kind": "preemption", "keep": frozenset({0, 2}), "wait_for_preempted": True}),
     ("a noticed rank is not kept", Outcome(failures=(_f(1, "died"),), returned=frozenset({0, 2}),
                                            preempted=frozenset({2})), Budget(), FailureConfig(max_failures=1),
      Restart, Budget(1, 0), {"keep": frozenset({0})}),
@@ -86,6 +90,21 @@ def test_root_cause_first_puts_a_peers_broken_collective_last():
     collateral = _f(0, message="Connection closed by peer [1.2.3.4]:5")
     cause = _f(1, message="ZeroDivisionError")
     assert root_cause_first([collateral, cause]) == [cause, collateral]
+
+
+# -- plan_repair: how lost ranks are replaced ------------------------------------------------------
+@pytest.mark.parametrize("kw,want", [
+    (dict(kept=1, lost=1, spares_ready=1, elastic=False, min_workers=2), RepairPlan(spares=1)),
+    (dict(kept=1, lost=1, spares_ready=0, elastic=False, min_workers=2), RepairPlan(start=1)),
+    (dict(kept=0, lost=3, spares_ready=1, elastic=False, min_workers=3), RepairPlan(spares=1, start=2)),
+    (dict(kept=2, lost=1, spares_ready=0, elastic=True, min_workers=1), RepairPlan(regrow=1)),
+    (dict(kept=2, lost=1, spares_ready=1, elastic=True, min_workers=1), RepairPlan(spares=1)),
+    (dict(kept=1, lost=2, spares_ready=0, elastic=True, min_workers=2), RepairPlan(start=1, regrow=1)),
+    (dict(kept=0, lost=2, spares_ready=0, elastic=True, min_workers=1), RepairPlan(start=1, regrow=1)),
+], ids=["fixed-spare", "fixed-start", "fixed-some-spares", "elastic-shrinks", "elastic-spare",
+        "elastic-not-below-min", "elastic-nothing-kept"])
+def test_plan_repair_uses_spares_first_and_an_elastic_group_shrinks_instead_of_waiting(kw, want):
+    assert plan_repair(**kw) == want
 
 
 # -- decide_at_commit ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from trainkit.backends.barrier import describe_ranks
-from trainkit.errors import (HangDetectedError, StorageFailedError, TrainingFailedError, WorkerFailure,
+from trainkit.errors import (HangDetectedError, PreemptionError, StorageFailedError, TrainingFailedError, WorkerFailure,
                              WorkerGroupError)
 from trainkit.policies import FailureDecision, decide_failure, decide_resize
 
@@ -136,13 +136,42 @@ def decide(outcome: Outcome, budget: Budget, failure_config) -> tuple[Action, Bu
             failures = [storage] + [f for f in failures if f is not storage]
             return Fail(kind, StorageFailedError(f"the storage cannot take the run any more (no retry can help); "
                                                  f"root cause: {storage.headline()}", failures)), budget
-        error = outcome.hang_error or (HangDetectedError if hang else WorkerGroupError)(
-            f"{why}; root cause: {failures[0].headline()}", failures)
+        error_cls = HangDetectedError if hang else (PreemptionError if preemption and not mismatch
+                                                    else WorkerGroupError)
+        error = outcome.hang_error or error_cls(f"{why}; root cause: {failures[0].headline()}", failures)
         return Fail(kind, error), budget
     keep = frozenset()
-    if not outcome.elastic and not preemption:  # a noticed rank is going away; an elastic group is re-sized
+    if not preemption or outcome.elastic:
+        # a noticed rank is going away (its node with it): a fixed-size group is placed anew; an
+        # elastic one re-forms without it, keeping the others
         keep = frozenset(r for r in outcome.returned if r not in outcome.preempted)
     return Restart(kind, keep=keep, wait_for_preempted=preemption), budget
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    """How the ranks a failure took are replaced: ``spares`` by ready hot spares, ``start`` by fresh
+    workers started now (the next attempt waits for them), ``regrow`` left out of the next attempt
+    (an elastic group re-forms smaller; their workers start in the background and the group grows
+    back at a checkpointed report once they are ready)."""
+
+    spares: int = 0
+    start: int = 0
+    regrow: int = 0
+
+
+def plan_repair(*, kept: int, lost: int, spares_ready: int, elastic: bool, min_workers: int) -> RepairPlan:
+    """``kept`` ranks keep their processes, ``lost`` must be replaced, ``spares_ready`` spares are ready.
+
+    >>> plan_repair(kept=2, lost=1, spares_ready=0, elastic=True, min_workers=1)
+    RepairPlan(spares=0, start=0, regrow=1)
+    """
+    spares = min(lost, spares_ready)
+    rest = lost - spares
+    if not elastic:
+        return RepairPlan(spares=spares, start=rest)
+    start = min(rest, max(0, min_workers - kept - spares))  # an elastic group never re-forms below min_workers
+    return RepairPlan(spares=spares, start=start, regrow=rest - start)
 
 
 @dataclass(frozen=True)

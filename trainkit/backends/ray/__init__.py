@@ -90,6 +90,14 @@ def release_warm_workers() -> None:
             pass
 
 
+def _inside_ray_worker() -> bool:
+    """Whether this process runs a Ray task or actor (a Tune trial), not a driver."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_task_id() is not None or ctx.get_actor_id() is not None
+
+
 class _Progress:
     """One live line on a terminal: report index, latest metrics, world size, attempt; and what a
     fit waits for (other fits' resources), said once on a stream that is not a terminal."""
@@ -107,8 +115,9 @@ class _Progress:
             line = f"trainkit: waiting for {p.get('waiting') or 'resources'}"
         elif self.on:
             metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list((p.get("metrics") or {}).items())[:4])
+            spares = f" | spares {p['spares']}/{p['spares_wanted']}" if p.get("spares_wanted") else ""
             line = (f"trainkit: report {p['index']} | world size {p['world_size']} | attempt {p['attempt']}"
-                    f"{' | ' + metrics if metrics else ''}")
+                    f"{spares}{' | ' + metrics if metrics else ''}")
         else:
             return
         if line == self._last:
@@ -188,7 +197,14 @@ class RayBackend:
             raise
         finally:
             progress.close()
-        status, payload = ray.get(ref)
+        try:
+            status, payload = ray.get(ref)
+        finally:
+            if _inside_ray_worker():
+                # A fit run from a Ray task or actor (a Tune trial): the process ends with the task,
+                # but its warm workers' placement group is scoped to the job and would keep their
+                # resources reserved, so the next trial could not place its workers.
+                release_warm_workers()
         if status == "error":
             raise payload
         return payload

@@ -30,7 +30,8 @@ from trainkit.backends import barrier as br
 from trainkit.backends.decide import Abort, Fail, Finish, Probe, Resize, StopAfterCommit, decide, decide_at_commit
 from trainkit.backends.ray.state import Attempt, Run
 from trainkit.backends.ray.supervisor import end_with_mismatch, supervise
-from trainkit.backends.ray.worker_group import Group, NotPlaced, WorkerPool, discard, repair
+from trainkit.backends.ray.worker_group import (Group, NotPlaced, WorkerPool, discard, grow, keep_spares,
+                                                 refill_spares, repair)
 from trainkit.diagnostics.straggler_monitor import sample_straggler
 from trainkit.diagnostics.stragglers import StragglerWatch, step_times
 from trainkit.errors import ControllerError, ReportError, TrainingFailedError, WorkerFailure
@@ -95,13 +96,16 @@ class Controller:
             run.attempt = None  # over: late calls of its ranks are told to stop
             action, run.budget = decide(outcome, run.budget, spec.run_config.failure_config)
             if isinstance(action, Finish):
-                self.pool.release(group, healthy=not attempt.preempted)  # a noticed worker is not kept warm
+                self.pool.release(group, healthy=not attempt.preempted, run=run)  # a noticed worker is not kept warm
                 ledger.finish("finished")
                 run.progress["status"] = "finished"
                 return ledger.result(return_value=action.value)
             failures = list(outcome.failures)
             if isinstance(action, Resize):
-                await discard(run, group)
+                if len(attempt.returned) == attempt.world_size and grow(run, group):
+                    run.carry = group  # grown in place: the ranks keep their processes, new ones join
+                else:
+                    await discard(run, group)
                 ledger.end_attempt("resized")
                 continue
             # Record first: the failure is in the event stream at once, not after a worker start.
@@ -112,24 +116,32 @@ class Controller:
                 ledger.finish("aborted" if isinstance(action, Abort) else "failed", action.error)
                 run.progress["status"] = "aborted" if isinstance(action, Abort) else "failed"
                 raise action.error
-            if action.keep:  # keep the ranks that returned; start only the dead or stuck ones (one worker start)
-                run.carry = await repair(run, group, {group.ranks[r] for r in action.keep})
+            if action.wait_for_preempted:  # first: what replaces a noticed rank must not land on its node
+                await run.capacity.wait_nodes_gone(dict(attempt.preempted.values()))
+            if action.keep:  # keep the ranks that returned; replace only the dead or stuck ones (a spare, or one start)
+                run.carry = await repair(run, group, {group.ranks[r] for r in action.keep},
+                                         self._spare_events(run), attempt.number)
             else:
                 await discard(run, group)
-            if action.wait_for_preempted:
-                await run.capacity.wait_nodes_gone(dict(attempt.preempted.values()))
             ledger.emit(ev.GroupRestarted(attempt=attempt.number + 1, reason=failures[0].headline(),
                                           from_index=ledger.latest_index))
 
     async def _start(self, run: Run, last_size: int) -> Group:
         sc = run.spec.scaling_config
-        size = await run.capacity.choose_size(self.pool.idle_held(), run.spec.worker_start_timeout_s)
+        if run.carry is not None:  # a repaired (or re-formed, or grown) group: its size is decided
+            size = len(run.carry.active)
+        else:
+            size = await run.capacity.choose_size(self.pool.idle_held(), run.spec.worker_start_timeout_s)
         tries = 0
         while True:
             carried, run.carry = run.carry, None
             try:
-                return await self.pool.start(run, size, carried, quick=sc.elastic and size > sc.min_workers,
-                                             others_busy=lambda: self._others_busy(run))
+                group = await self.pool.start(run, size, carried, quick=sc.elastic and size > sc.min_workers,
+                                              others_busy=lambda: self._others_busy(run))
+                if run.spec.run_config.spare_workers:  # in the background: the group never waits for a spare
+                    keep_spares(run, group, self._spare_events(run))
+                    run.progress["spares"] = len(group.spares)
+                return group
             except NotPlaced:  # elastic: a lost node may still look alive; a failed grow falls back
                 if last_size and last_size < size:
                     run.capacity.grow_failed()
@@ -142,6 +154,18 @@ class Controller:
                     raise
                 await asyncio.sleep(1.0)  # let Ray notice a lost node
                 size = await run.capacity.choose_size(self.pool.idle_held(), run.spec.worker_start_timeout_s)
+
+    def _spare_events(self, run: Run):
+        """Where a group's spare events go: the run's event stream and progress while the run lives
+        (a warm group's spares may still be starting after its run ended)."""
+
+        def on_event(event) -> None:
+            if self.runs.get(run.run_id) is not run or run.ledger is None or run.ledger.state.get("status") != "running":
+                return
+            run.progress["spares"] = event.ready
+            run.ledger.emit(event)
+
+        return on_event
 
     def _others_busy(self, run: Run) -> bool:
         """Whether another fit of this driver holds (or is taking) resources: it releases them when it ends."""
@@ -192,7 +216,18 @@ class Controller:
     async def _complete(self, run: Run, attempt: Attempt, rnd: br.Round):
         op = rnd.key[0]
         if op == "reported_checkpoints":
-            return [(c["dir"], c["metrics"]) for c in run.ledger.state["checkpoints"]]
+            return run.ledger.reported_checkpoints()
+        if op == "preemption_info":  # every noticed rank of the group, with the earliest deadline
+            nodes: dict = {}
+            for r, (node, _deadline) in sorted(attempt.preempted.items()):
+                nodes.setdefault(node, []).append(r)
+            for r, own in sorted(rnd.arrivals.items()):  # a notice the controller has not heard of yet
+                for node, ranks in (getattr(own, "preempted_node_to_ranks", None) or {}).items():
+                    if r in ranks and r not in nodes.get(node, []):
+                        nodes.setdefault(node, []).append(r)
+            deadlines = [d for _n, d in attempt.preempted.values() if d > time.monotonic()]
+            deadline_ms = int((time.time() + min(deadlines) - time.monotonic()) * 1000) if deadlines else None
+            return {"nodes": nodes, "deadline_ms": deadline_ms}
         if op != "report":
             return rnd.arrivals[0]  # broadcast / barrier: rank 0's payload
         index = rnd.key[1]
@@ -200,26 +235,32 @@ class Controller:
         steps = step_times(rnd.arrived_at, attempt.barrier.released_at)
         args = (attempt.number, index, metrics, d, files)
         kw = dict(world_size=attempt.world_size, barrier_s=time.monotonic() - rnd.started,
-                  step_s=tuple(steps[r] for r in range(attempt.world_size)))
+                  step_s=tuple(steps[r] for r in range(attempt.world_size)),
+                  rank_metrics=[(rnd.arrivals[r][0] or {}) for r in sorted(rnd.arrivals)])
         if run.store.local:
             run.ledger.commit(*args, **kw)
         else:
             await asyncio.to_thread(run.ledger.commit, *args, **kw)
         run.progress.update(index=index, metrics=metrics)
+        if attempt.group.refill:  # spares used for this group's repair are replaced now that it runs again
+            refill_spares(run, attempt.group)
         if attempt.stragglers is not None:
             for straggler in attempt.stragglers.observe(index, steps):  # sampled in the background
                 task = asyncio.ensure_future(sample_straggler(run, attempt, straggler))
                 attempt.tasks.add(task)
                 task.add_done_callback(attempt.tasks.discard)
         sc, cap = run.spec.scaling_config, run.capacity
+        group = attempt.group
+        # workers ready to join (an elastic group's regrown slots, or hot spares) are capacity found
+        grow_ready = max(cap.ready, len(group.spares) if sc.elastic else 0)
         step = decide_at_commit(index=index, checkpointed=d is not None, world_size=attempt.world_size,
-                                preempted={r: v[0] for r, v in attempt.preempted.items()}, grow_ready=cap.ready,
+                                preempted={r: v[0] for r, v in attempt.preempted.items()}, grow_ready=grow_ready,
                                 elastic=sc.elastic, min_workers=sc.min_workers, max_workers=sc.max_workers)
         if cap.ready and d is not None and not attempt.preempted:
             cap.ready = 0  # the capacity found is used (or found useless) at this checkpointed report
         if isinstance(step, StopAfterCommit):
             attempt.stop = step.failure
-        elif isinstance(step, Probe):
+        elif isinstance(step, Probe) and not group.pending:  # a worker starting in the background is the probe
             cap.maybe_probe(attempt.world_size)
         return d
 
@@ -228,13 +269,25 @@ class Controller:
         return await self._arrive(run_id, attempt, rank, ("report", index), (metrics, checkpoint_dir, files))
 
     async def collective(self, run_id, attempt, rank, op, seq, payload):
-        return await self._arrive(run_id, attempt, rank, (op, seq), payload if rank == 0 else None)
+        keep = rank == 0 or op == "preemption_info"  # every rank's own notice joins the group's view
+        return await self._arrive(run_id, attempt, rank, (op, seq), payload if keep else None)
 
     async def reported_checkpoints(self, run_id, attempt):
         run = self.runs.get(run_id)
         if run is None or run.ledger is None:
             return ("stop", "this attempt is over")
-        return ("ok", [(c["dir"], c["metrics"]) for c in run.ledger.state["checkpoints"]])
+        return ("ok", run.ledger.reported_checkpoints())
+
+    async def validated(self, run_id, attempt, checkpoint_dir: str, metrics: dict, status: str):
+        """Rank 0's validation of a checkpoint is pending or ended: its metrics join the checkpoint's."""
+        run = self.runs.get(run_id)
+        if run is None or run.ledger is None:
+            return ("stop", "this attempt is over")
+        if run.store.local:
+            run.ledger.validated(checkpoint_dir, metrics, status)
+        else:
+            await asyncio.to_thread(run.ledger.validated, checkpoint_dir, metrics, status)
+        return ("ok", None)
 
     async def preempted(self, run_id: str, attempt_number: int, rank: int, grace_s: float) -> None:
         run = self.runs.get(run_id)

@@ -70,6 +70,8 @@ class Run:
         self.aborted = False
         self.waiting = False  # its next group waits for resources that other fits of this driver hold
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
+        if spec.run_config.spare_workers:
+            self.progress.update(spares=0, spares_wanted=spec.run_config.spare_workers)
 
     def current(self, attempt: int) -> Optional[Attempt]:
         """The attempt numbered ``attempt`` if it is the one running (None: it is over)."""

@@ -4,7 +4,8 @@
 once: the ranks' records (a finish, an exception, a death), the attempt's ``ended`` future
 (a mismatch, a failed commit, a stop after a commit, an abort) and the hang monitor's
 decision. After the first failure it collects the others for ``FAILURE_WINDOW_S`` so that
-the root cause comes first, closes the barrier, keeps the ranks that return at once (their
+the root cause comes first (or less, once every other rank waits in the barrier, where no
+failure of its own can come from), closes the barrier, keeps the ranks that return at once (their
 processes are reused by a repaired group) and returns the ``Outcome`` that ``decide`` reads.
 
 Runs in the controller actor.
@@ -28,7 +29,8 @@ from trainkit.diagnostics import memory, stacks
 from trainkit.errors import ReportError, WorkerFailure
 
 FAILURE_WINDOW_S = 0.3  # after the first failure, wait this long to collect the others (root cause first)
-UNBLOCK_WAIT_S = 0.5  # after an attempt ends, how long ranks released from a barrier may take to return
+UNBLOCK_WAIT_S = 0.5  # after an attempt ends, how long its ranks may take to return (else they are replaced)
+RELEASED_WAIT_S = 5.0  # and a rank that was waiting in the barrier, known to be released, this much more
 OOM_CHECK_S = 2.0  # how long the node of a dead rank may take to say whether it died for memory
 
 logger = logging.getLogger("trainkit.controller")
@@ -73,24 +75,44 @@ async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outc
             _rank_returned(run, attempt, tasks[t], t.result(), failures)
             if failures and first_failure_at is None:
                 first_failure_at = time.monotonic()
+        if failures and _all_waiting(attempt, [tasks[t] for t in pending]):
+            break  # every other rank waits in the barrier: nothing more can come from them
     hang_monitor.stop(monitor)
     seen = dict(returned=frozenset(attempt.returned), preempted=frozenset(attempt.preempted),
                 elastic=spec.scaling_config.elastic, aborted=run.aborted, hang_error=attempt.hang_error)
     if not failures and len(attempt.finished) == attempt.world_size:
         return Outcome(value=attempt.finished.get(0, {}).get("value"), **seen)
-    attempt.barrier.close(("stop", "the attempt ended"))
-    if pending and not spec.scaling_config.elastic:
+    closed = attempt.barrier.close(("stop", "the attempt ended"))
+    if pending:
         # ranks waiting in a trainkit barrier return at once when it is closed: their processes
         # are healthy and kept for the repaired group (ranks stuck in a gloo collective or in
         # user code are not, and are replaced)
         done, pending = await asyncio.wait(pending, timeout=UNBLOCK_WAIT_S)
-        attempt.returned.update(tasks[t] for t in done if "died" not in t.result())
+        released = set(closed.arrivals) if closed is not None else set()
+        if attempt.stop is not None:  # stopped after a commit: every rank had the reply
+            released = set(range(attempt.world_size))
+        slow = {t for t in pending if tasks[t] in released}
+        if slow:  # released from the barrier but slow to return (a loaded machine): worth more than a restart
+            more, _ = await asyncio.wait(slow, timeout=RELEASED_WAIT_S)
+            done, pending = done | more, pending - more
+        for t in done:
+            if "died" in t.result():  # it had arrived, then died: a failure of its own, not reusable
+                _rank_returned(run, attempt, tasks[t], t.result(), failures)
+            else:
+                attempt.returned.add(tasks[t])
         seen["returned"] = frozenset(attempt.returned)
     for t in pending:
         t.cancel()
     failures = failures or [WorkerFailure(world_rank=-1, kind="interrupted", message="attempt interrupted")]
     await _tell_oom(failures)
     return Outcome(failures=tuple(root_cause_first(failures)), **seen)
+
+
+def _all_waiting(attempt: Attempt, ranks: list) -> bool:
+    """Whether every rank in ``ranks`` waits in the open round of the barrier (then the failure
+    window can end at once: a rank blocked in trainkit's barrier has no failure of its own to tell)."""
+    rnd = attempt.barrier.round
+    return rnd is not None and all(r in rnd.arrivals for r in ranks)
 
 
 def _rank_returned(run: Run, attempt: Attempt, r: int, rec: dict, failures: list) -> None:

@@ -68,6 +68,9 @@ class RayCoordinator:
     def record_fault(self, fields: dict) -> bool:
         return self._call("record_fault", fields)
 
+    def validated(self, checkpoint_dir: str, metrics: dict, status: str) -> None:
+        return self._call("validated", checkpoint_dir, metrics, status)
+
 
 class _RankStream(io.TextIOBase):
     """Writes each line to the process's stream with a ``[rank r]`` prefix, and to a log file."""
@@ -129,6 +132,17 @@ class RankWorker:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def warm(self, controller, fn_bytes: bytes) -> None:
+        """A hot spare's rehearsal of what its first ``run()`` does first, so that a rank it replaces
+        starts at once: the imports, unpickling the training function, a call to the controller."""
+        import torch.distributed  # noqa: F401
+
+        from trainkit._serialize import loads_train_fn
+        from trainkit.checkpoint import Checkpoint  # noqa: F401
+
+        loads_train_fn(fn_bytes)
+        ray.get(controller.ping.remote())
 
     def ping(self) -> int:
         """This process's pid; an error once it had a preemption notice (it is going away, never reuse it)."""
@@ -215,6 +229,7 @@ class RankWorker:
             _debug.before_run(session.context, hooks, emit)  # TRAINKIT_DEBUG_RANK: wait for a debugger
             fn = loads_train_fn(fn_bytes)
             value = fn(config if config is not None else {}) if takes_config else fn()
+            session.drain()  # an ASYNC report in flight and rank 0's validations end with the function
             return {"ok": True, "value": value, "index": session.index}
         except _Interrupted as e:
             return {"ok": False, "interrupted": str(e), "index": session.index}

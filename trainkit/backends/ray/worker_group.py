@@ -3,8 +3,10 @@
 A ``Group`` is one placement group with one ``RankWorker`` actor per bundle. Healthy groups
 are kept warm (``WorkerPool.idle``) after a fit and reused by the next fit of the same shape
 (``Group.key``). After a failure the ranks whose processes returned are kept and only the
-dead or stuck ones are started afresh in the same placement group (``repair``: one worker
-start). ``rank_layout`` is pure: world ranks grouped by node, in order of first appearance,
+dead or stuck ones are replaced (``repair``): by a hot spare when the run keeps some
+(``RunConfig(spare_workers=N)``: workers started, placed and torch-imported in the background,
+each in a placement group of its own, refilled in the background after one is used), else by
+a fresh worker in the same placement group (one worker start). ``rank_layout`` is pure: world ranks grouped by node, in order of first appearance,
 consecutive within a node, with ``local_rank``, ``local_world_size`` and ``node_rank``.
 
 Runs in the controller actor. Ray is imported where it is used, so that the pure parts
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from trainkit.backends.decide import plan_repair
 from trainkit.backends.ray.capacity import add_resources, held_by_node
 from trainkit.config import PROCESS_GROUP_TIMEOUT_S
 from trainkit.errors import ControllerError
@@ -29,6 +32,8 @@ logger = logging.getLogger("trainkit.controller")
 QUICK_PLACE_S = 10.0  # an elastic group larger than min_workers that cannot be placed this fast is smaller
 INIT_PROCESS_GROUP_S = 120.0
 PING_S = 5.0  # a warm worker that does not answer this fast is dropped
+SPARE_PING_S = 1.0  # a spare that does not answer this fast is not used
+SPARE_NOTICE_S = 5.0  # a spare not started by then is said to be waiting for room (an event)
 
 
 class NotPlaced(Exception):
@@ -37,11 +42,32 @@ class NotPlaced(Exception):
 
 @dataclass
 class Group:
-    key: tuple  # (size, resources per worker, placement strategy, runtime env): what can reuse it
+    """Workers by index (``workers``, ``infos``, ``slots``): the group's ranks (``active``) and its hot
+    spares (``spares``: started, ready, not ranks; ``pending``: being started). The first
+    ``size`` indices are the bundles of ``pg`` in order; a spare has a placement group of its own
+    (``slots``), so a spare that cannot be placed never holds up the group's start."""
+
+    key: tuple  # (size, resources per worker, placement strategy, runtime env, spares): what can reuse it
     pg: Any
-    workers: list  # in bundle order
-    infos: list  # setup() records, bundle order
-    ranks: list = field(default_factory=list)  # world rank -> bundle index
+    workers: list  # worker index -> actor (None: a slot whose worker is gone)
+    infos: list  # worker index -> setup() record (None until started)
+    ranks: list = field(default_factory=list)  # world rank -> worker index
+    slots: list = field(default_factory=list)  # worker index -> (placement group, bundle index)
+    active: list = field(default_factory=list)  # worker indices of the ranks (rank_layout orders them)
+    spares: list = field(default_factory=list)  # worker indices of ready spares
+    pending: dict = field(default_factory=dict)  # worker index -> task starting it as a spare
+    refill: list = field(default_factory=list)  # worker indices (slots) to start spares in after the next commit
+    on_event: Any = None  # where spare events go: the run that holds the group (set by keep_spares)
+
+    def tell(self, event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def __post_init__(self):
+        if not self.slots:
+            self.slots = [(self.pg, b) for b in range(len(self.workers))]
+        if not self.active:
+            self.active = list(range(len(self.workers)))
 
     @property
     def per_worker(self) -> dict:
@@ -51,17 +77,28 @@ class Group:
         return self.infos[self.ranks[world_rank]] if 0 <= world_rank < len(self.ranks) else {}
 
     def held(self) -> dict:
-        return held_by_node(self.infos, self.per_worker)
+        return held_by_node([i for i in self.infos if i], self.per_worker)
+
+    def live(self) -> list:
+        """Worker indices of the ranks and the ready spares."""
+        return list(self.active) + list(self.spares)
 
     def kill(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
+        for task in list(self.pending.values()):
+            task.cancel()
+        self.pending.clear()
+        self.refill.clear()
         for w in self.workers:
-            _kill(w)
-        try:
-            remove_placement_group(self.pg)
-        except Exception:  # noqa: BLE001 - already removed
-            pass
+            if w is not None:
+                _kill(w)
+        pgs = {id(self.pg): self.pg, **{id(pg): pg for pg, _ in self.slots}}
+        for pg in pgs.values():
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already removed
+                pass
 
 
 def rank_layout(node_ids: Sequence[str]) -> tuple[list, list]:
@@ -82,9 +119,9 @@ def rank_layout(node_ids: Sequence[str]) -> tuple[list, list]:
     return ranks, layout
 
 
-def group_key(size: int, scaling_config, env) -> tuple:
+def group_key(size: int, scaling_config, env, spares: int = 0) -> tuple:
     return (size, tuple(sorted(scaling_config.worker_resources.items())), scaling_config.placement_strategy,
-            repr(env))
+            repr(env), spares)
 
 
 class WorkerPool:
@@ -107,7 +144,10 @@ class WorkerPool:
             add_resources(out, g.held())
         return out
 
-    def release(self, group: Group, healthy: bool) -> None:
+    def release(self, group: Group, healthy: bool, run=None) -> None:
+        group.on_event = None  # its run is over
+        if healthy and run is not None:
+            refill_spares(run, group)  # a warm group keeps its spares
         if healthy:
             for key, fut in self.waiters:
                 if key == group.key and not fut.done():
@@ -131,14 +171,14 @@ class WorkerPool:
 
         sc = run.spec.scaling_config
         env = run.spec.run_config.worker_runtime_env
-        key = group_key(size, sc, env)
+        key = group_key(size, sc, env, run.spec.run_config.spare_workers)
         if carried is not None:
             if carried.key == key:
                 try:
                     await self.init_torch(run, carried)
                     return carried
                 except (ray.exceptions.RayError, asyncio.TimeoutError) as e:  # a kept worker died meanwhile
-                    logger.info("run %s: the repaired group cannot start (%s); starting a new one", run.run_id, e)
+                    logger.warning("run %s: the repaired group cannot start (%r); starting a new one", run.run_id, e)
                     await discard(run, carried)
             else:
                 carried.kill()
@@ -147,7 +187,7 @@ class WorkerPool:
             if g.key == key:
                 self.idle.remove(g)
                 try:
-                    await asyncio.wait_for(asyncio.gather(*[w.ping.remote() for w in g.workers]), PING_S)
+                    await asyncio.wait_for(asyncio.gather(*[g.workers[i].ping.remote() for i in g.live()]), PING_S)
                     group = g
                     break
                 except (ray.exceptions.RayError, asyncio.TimeoutError):  # a dead warm worker: drop the group
@@ -163,9 +203,10 @@ class WorkerPool:
         return group
 
     async def init_torch(self, run, group: Group) -> None:
-        group.ranks, layout = rank_layout([i["node_id"] for i in group.infos])
-        for info, extra in zip(group.infos, layout):
-            info.update(extra)
+        order, layout = rank_layout([group.infos[i]["node_id"] for i in group.active])
+        group.ranks = [group.active[o] for o in order]
+        for i, extra in zip(group.active, layout):
+            group.infos[i].update(extra)
         tc = run.spec.torch_config
         use_gpu = run.spec.scaling_config.use_gpu
         backend = getattr(tc, "backend", None) or ("nccl" if use_gpu else "gloo")
@@ -177,8 +218,8 @@ class WorkerPool:
             info = dict(group.infos[b], world_rank=r, world_size=len(group.ranks))
             cuda = None
             if use_gpu:  # every rank sees its node's GPUs; local_rank picks one
-                cuda = ",".join(sorted({g for i in group.infos if i["node_id"] == info["node_id"]
-                                        for g in i["gpu_ids"]}))
+                cuda = ",".join(sorted({g for i in (group.infos[a] for a in group.active)
+                                        if i["node_id"] == info["node_id"] for g in i["gpu_ids"]}))
             calls.append(group.workers[b].init_process_group.remote(addr, port, info, backend, timeout_s, cuda))
         await asyncio.wait_for(asyncio.gather(*calls), INIT_PROCESS_GROUP_S)
 
@@ -252,28 +293,192 @@ async def _start_workers(run, pg, size: int, key: tuple, env) -> Group:
     return Group(key, pg, workers, list(infos))
 
 
-async def repair(run, group: Group, reusable: set) -> Optional[Group]:
-    """Replace the workers of ``group`` outside ``reusable`` (bundle indices) in the same placement
-    group; None (and the group gone) when that cannot be done."""
+async def repair(run, group: Group, reusable: set, on_event=None, attempt: int = 0) -> Optional[Group]:
+    """Replace the ranks' workers outside ``reusable`` (worker indices), in place: by a ready hot
+    spare where there is one (its old slot is refilled with a new spare in the background), else
+    by a fresh worker in the same slot (one worker start, awaited); an elastic group above
+    ``min_workers`` re-forms without it instead, its slot starting a worker in the background that
+    the group grows with (``decide.plan_repair``). None (and the group gone)
+    when that cannot be done. ``on_event``: receives the spare events (``attempt``: the one that failed)."""
     import ray
 
+    from trainkit import events as ev
+
+    sc = run.spec.scaling_config
     env = run.spec.run_config.worker_runtime_env
-    workers, infos = list(group.workers), list(group.infos)
-    fresh = {}
-    for b, w in enumerate(group.workers):
-        if b not in reusable:
-            _kill(w)
-            workers[b] = fresh[b] = make_worker(group.pg, b, group.per_worker, env)
+    if on_event is not None:
+        group.on_event = on_event
+    refill_spares(run, group)  # deferred ones of an earlier repair: start them now
+    lost = [b for b in group.active if b not in reusable]
+    kept = len(group.active) - len(lost)
+    fresh, swapped, regrow, used = {}, [], [], 0
+    for b in lost:
+        old_info = group.infos[b] or {}
+        _kill(group.workers[b])
+        spare = await _take_spare(group)
+        if spare is not None:  # the spare becomes the rank; the dead one's slot makes a new spare
+            used += 1
+            group.active[group.active.index(b)] = spare
+            group.workers[b] = group.infos[b] = None
+            swapped.append(b)
+            new_info = group.infos[spare]
+            group.tell(ev.SpareUsed(attempt=attempt, replaced_pid=old_info.get("pid"),
+                                    replaced_node_id=old_info.get("node_id", ""), pid=new_info.get("pid"),
+                                    node_id=new_info.get("node_id", ""), ready=len(group.spares)))
+            continue
+        plan = plan_repair(kept=kept + used + len(fresh), lost=1, spares_ready=0, elastic=sc.elastic,
+                           min_workers=sc.min_workers)
+        if plan.regrow:  # elastic: re-form without it; its worker starts in the background, the group grows back
+            group.active.remove(b)
+            group.workers[b] = group.infos[b] = None
+            regrow.append(b)
+        else:
+            group.workers[b] = fresh[b] = make_worker(*group.slots[b], group.per_worker, env)
+    # the new spares start after the repaired group's first commit (refill_spares): a worker start
+    # (a torch import) beside the group's restart would slow it down on a small machine
+    group.refill.extend(swapped)
+    for b in regrow:  # at once, with no deadline: their bundles come back with the capacity
+        start_spare(run, group, b, regrow=True)
+    group.key = (len(group.active),) + tuple(group.key[1:])
+    if not fresh:
+        return group
     try:
         got = await asyncio.wait_for(asyncio.gather(*[w.setup.remote() for w in fresh.values()]),
                                      run.spec.worker_start_timeout_s)
     except (ray.exceptions.RayError, asyncio.TimeoutError):  # cannot repair in place: start a new group
-        Group(group.key, group.pg, workers, infos).kill()
+        group.kill()
         await wait_removed(group)
         return None
     for b, info in zip(fresh, got):
-        infos[b] = info
-    return Group(group.key, group.pg, workers, infos)
+        group.infos[b] = info
+    return group
+
+
+async def _take_spare(group: Group) -> Optional[int]:
+    """A ready spare that still answers (its worker index), taken out of ``group.spares``; None if none."""
+    import ray
+
+    while group.spares:
+        i = group.spares.pop(0)
+        try:
+            await asyncio.wait_for(group.workers[i].ping.remote(), SPARE_PING_S)
+            return i
+        except (ray.exceptions.RayError, asyncio.TimeoutError):  # a dead spare: its slot gets a new one
+            _kill(group.workers[i])
+            group.workers[i] = group.infos[i] = None
+    return None
+
+
+def grow(run, group: Group) -> int:
+    """Move ready spares into ``group``'s ranks, up to ``max_workers`` (an elastic group grows in place:
+    its ranks keep their processes). Returns how many joined."""
+    n = min(len(group.spares), run.spec.scaling_config.max_workers - len(group.active))
+    for _ in range(max(0, n)):
+        group.active.append(group.spares.pop(0))
+    group.key = (len(group.active),) + tuple(group.key[1:])
+    return max(0, n)
+
+
+def refill_spares(run, group: Group) -> None:
+    """Start the spares that ``repair`` deferred (the slots of the replaced workers), in the background."""
+    slots, group.refill = group.refill, []
+    for i in slots:
+        start_spare(run, group, i)
+
+
+def keep_spares(run, group: Group, on_event=None) -> None:
+    """Top ``group`` up to ``RunConfig.spare_workers`` spares, in the background: each new spare
+    gets a placement group of one bundle of its own, so the group never waits for it. Spares
+    already ready (a warm group's) are told to ``on_event`` as ready."""
+    from ray.util.placement_group import placement_group
+
+    from trainkit import events as ev
+
+    group.on_event = on_event
+    emit = group.tell
+    for n, i in enumerate(group.spares, start=1):
+        info = group.infos[i]
+        emit(ev.SpareReady(node_id=info.get("node_id", ""), pid=info.get("pid"), ready=n,
+                           wanted=run.spec.run_config.spare_workers, warm=True))
+    missing = run.spec.run_config.spare_workers - len(group.spares) - len(group.pending) - len(group.refill)
+    for _ in range(max(0, missing)):
+        pg = placement_group([dict(group.per_worker)], strategy="PACK")
+        group.slots.append((pg, 0))
+        group.workers.append(None)
+        group.infos.append(None)
+        start_spare(run, group, len(group.slots) - 1)
+
+
+def start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
+    """Start a spare worker in slot ``i`` of ``group`` in the background (its events: ``group.tell``).
+    ``regrow``: the slot of a rank an elastic group re-formed without; it waits for room with no
+    deadline (its bundle comes back with the capacity), and the group grows with it."""
+    task = asyncio.ensure_future(_start_spare(run, group, i, regrow))
+    group.pending[i] = task
+
+    def done(t, i=i):
+        if group.pending.get(i) is t:
+            del group.pending[i]
+        if not t.cancelled() and t.exception() is not None:
+            logger.warning("run %s: a spare worker could not start: %r", run.run_id, t.exception())
+
+    task.add_done_callback(done)
+
+
+async def _start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from trainkit import events as ev
+
+    emit = group.tell  # the run holding the group when the event happens
+    want = run.spec.run_config.spare_workers
+    pg, bundle = group.slots[i]
+    t0 = time.monotonic()
+    w = group.workers[i] = make_worker(pg, bundle, group.per_worker, run.spec.run_config.worker_runtime_env)
+    setup = asyncio.ensure_future(_awaited(w.setup.remote()))
+    deadline = float("inf") if regrow else t0 + run.spec.worker_start_timeout_s
+    said = False
+    try:
+        while True:
+            wait_s = SPARE_NOTICE_S if not said else (None if regrow else max(0.0, deadline - time.monotonic()))
+            done, _ = await asyncio.wait({setup}, timeout=wait_s)
+            if done:
+                info = setup.result()
+                break
+            if said or time.monotonic() >= deadline:
+                raise asyncio.TimeoutError()
+            said = True
+            emit(ev.SpareUnplaced(ready=len(group.spares), wanted=want, waited_s=round(time.monotonic() - t0, 3),
+                                  reason="no room for it yet: waiting in the background "
+                                         "(the run goes on without it)", regrow=regrow))
+    except asyncio.CancelledError:
+        setup.cancel()
+        raise
+    except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+        setup.cancel()
+        _kill(w)
+        group.workers[i] = None
+        if pg is not group.pg:  # its own placement group: do not leave a pending request behind
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+        why = (f"not placed or started within {run.spec.worker_start_timeout_s:.0f} s "
+               "(TRAINKIT_WORKER_START_TIMEOUT_S)" if isinstance(e, asyncio.TimeoutError)
+               else f"it died while starting: {type(e).__name__}")
+        emit(ev.SpareUnplaced(ready=len(group.spares), wanted=want, waited_s=round(time.monotonic() - t0, 3),
+                              reason=why, gave_up=True, regrow=regrow))
+        return
+    try:  # best effort: a spare that cannot rehearse is still a spare
+        await asyncio.wait_for(_awaited(w.warm.remote(ray.get_runtime_context().current_actor, run.fn_bytes)),
+                               SPARE_NOTICE_S)
+    except (ray.exceptions.RayError, asyncio.TimeoutError, RuntimeError) as e:
+        logger.debug("run %s: a spare's warm-up failed: %r", run.run_id, e)
+    group.infos[i] = info
+    group.spares.append(i)
+    emit(ev.SpareReady(node_id=info.get("node_id", ""), pid=info.get("pid"), ready=len(group.spares),
+                       wanted=want, start_s=round(time.monotonic() - t0, 3), regrow=regrow))
 
 
 async def discard(run, group: Group) -> None:
@@ -304,6 +509,8 @@ def make_worker(pg, bundle_index: int, res: dict, env):
 def _kill(worker) -> None:
     import ray
 
+    if worker is None:
+        return
     try:
         ray.kill(worker, no_restart=True)
     except Exception:  # noqa: BLE001 - already dead
