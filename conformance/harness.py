@@ -24,7 +24,89 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, Optional
 
-RAY_CPUS = 3  # logical CPUs of the private Ray's one node (the elastic cases read the capacity from Ray)
+NODES = 2  # virtual nodes of the private Ray (the layout and elastic cases need more than one)
+CPUS_PER_NODE = 2  # logical CPUs per virtual node; the head has none (the driver and controllers run there)
+RAY_CPUS = NODES * CPUS_PER_NODE  # the elastic cases read the capacity from Ray itself
+DEFAULT_BOUND_S = 150.0  # a fit that has not ended after this long is a hung backend (a loaded 2-core box)
+
+
+class CaseTimeout(Exception):
+    """The backend under test did not end a fit within the case's bound; its Ray job's actors were
+    killed so that the cases after it are unaffected."""
+
+    def __init__(self, bound_s: float, torn_down: int = 0):
+        self.bound_s = bound_s
+        self.torn_down = torn_down
+        super().__init__(f"the backend did not end the fit within the case's bound of {bound_s:g} s "
+                         f"(hung); {torn_down} actor process(es) of its Ray job were killed")
+
+    def __reduce__(self):
+        return (type(self), (self.bound_s, self.torn_down))
+
+
+def teardown_ray_job() -> int:
+    """Kill the processes of every live actor of this driver's Ray job (controllers, worker
+    groups, Ray Train's actors): a hung run ends and its resources come back. Returns how many."""
+    import signal
+
+    import ray
+    from ray._private import state
+
+    if not ray.is_initialized():
+        return 0
+    job = ray.get_runtime_context().get_job_id()
+    killed = 0
+    for info in state.actors().values():
+        if info.get("State") != "ALIVE" or str(info.get("JobID", "")) != job:
+            continue
+        pid = info.get("Pid") or 0
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    # Placement groups outlive the non-detached actor that created them (until the job ends): remove
+    # them, or the next case cannot place its workers. The private Ray is this suite's alone.
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id, pg in ray.util.placement_group_table().items():
+        if pg.get("state") not in ("REMOVED",):
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    return killed
+
+
+class _Bound:
+    """Arms a timer for one fit; when it fires the backend's Ray job is torn down, which makes the
+    blocked ``fit()`` return with an error that ``Harness.fit`` turns into ``CaseTimeout``.
+    In-process backends (no Ray) are left to pytest-timeout (the conftest sets it a little above)."""
+
+    def __init__(self, bound_s: float, uses_ray: bool):
+        import threading
+
+        self.bound_s = bound_s
+        self.fired = False
+        self.killed = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="conformance-bound")
+        self._uses_ray = uses_ray
+
+    def _watch(self) -> None:
+        if self._done.wait(self.bound_s) or not self._uses_ray:
+            return
+        self.fired = True
+        self.killed = teardown_ray_job()
+
+    def __enter__(self) -> "_Bound":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(30)
 
 
 def resolve_backend(name: str):
@@ -38,11 +120,11 @@ def resolve_backend(name: str):
 
 
 @contextlib.contextmanager
-def ray_for(backend: Any) -> Iterator[None]:
-    """A private local Ray (one node of ``RAY_CPUS`` CPUs) for the block, when ``backend`` needs Ray.
-
-    A Ray this process is already connected to (the plugin's cluster fixture, a test's) is
-    used as it is; a backend whose ``needs_ray`` trait is false gets none.
+def ray_for(backend: Any, env: Optional[dict] = None) -> Iterator[Any]:
+    """A private local Ray (``NODES`` virtual nodes of ``CPUS_PER_NODE`` CPUs, a head with none)
+    for the block, when ``backend`` needs Ray; yields its ``trainkit_testing.cluster.Cluster``
+    (None when there is none, or when a Ray this process is already connected to is used as it is).
+    ``env`` (the moto endpoint) goes into every Ray process's environment.
     """
     from trainkit_testing.cluster import Cluster, needs_ray
 
@@ -50,11 +132,41 @@ def ray_for(backend: Any) -> Iterator[None]:
         import ray
 
         if not ray.is_initialized():
-            with Cluster(nodes=0, head_cpus=RAY_CPUS, env={"TRAINKIT_PROGRESS": "0"}, fast_failure=False,
-                         log_to_driver=False, tmp_prefix="tkconf-"):
-                yield
+            with Cluster(nodes=NODES, cpus_per_node=CPUS_PER_NODE, head_cpus=0,
+                         env={"TRAINKIT_PROGRESS": "0", **(env or {})}, fast_failure=False,
+                         log_to_driver=False, tmp_prefix="tkconf-") as cluster:
+                yield cluster
             return
-    yield
+    yield None
+
+
+@contextlib.contextmanager
+def moto_for_suite() -> Iterator[Any]:
+    """One moto S3 server for the session (None when moto is not installed); its environment
+    is exported to this process (and, through ``ray_for``, to every Ray process)."""
+    try:
+        from trainkit_testing.s3 import AWS_UNSET, MotoS3
+    except ImportError:
+        yield None
+        return
+    try:
+        server = MotoS3().start()
+    except ImportError:
+        yield None
+        return
+    saved = {k: os.environ.get(k) for k in list(server.env) + list(AWS_UNSET)}
+    os.environ.update(server.env)
+    for k in AWS_UNSET:
+        os.environ.pop(k, None)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Harness:
@@ -63,10 +175,14 @@ class Harness:
     >>> result = tk.fit(train_fn, workers=2, config={"dir": tk.dir})  # doctest: +SKIP
     """
 
-    def __init__(self, backend_name: str, backend: Any, base: str):
+    def __init__(self, backend_name: str, backend: Any, base: str, *, bound_s: float = DEFAULT_BOUND_S,
+                 cluster: Any = None, s3: Any = None):
         self.backend_name = backend_name
         self.backend = backend
         self.base = base
+        self.bound_s = bound_s  # every fit of the case ends within this (CaseTimeout)
+        self.cluster = cluster  # the private Ray's Cluster (virtual nodes), when the suite started one
+        self.s3 = s3  # the session's MotoS3 server, or None
         self.dir = os.path.join(base, "files")  # where training functions write what they saw
         self.storage = os.path.join(base, "storage")
         os.makedirs(self.dir, exist_ok=True)
@@ -81,22 +197,60 @@ class Harness:
 
     def trainer(self, fn: Callable, *, workers: Any = 1, config: Optional[dict] = None, name: Optional[str] = None,
                 max_failures: int = 0, checkpoint_config: Any = None, datasets: Optional[dict] = None,
-                hang_config: Any = None, storage_path: Optional[str] = None):
+                hang_config: Any = None, storage_path: Optional[str] = None, run_options: Optional[dict] = None,
+                scaling_options: Optional[dict] = None):
         import trainkit
         from trainkit.torch import TorchTrainer
 
         rc = trainkit.RunConfig(name=name or self.new_name(), storage_path=storage_path or self.storage,
                                 failure_config=trainkit.FailureConfig(max_failures=max_failures),
-                                checkpoint_config=checkpoint_config, hang_config=hang_config)
-        return TorchTrainer(fn, train_loop_config=config, scaling_config=trainkit.ScalingConfig(num_workers=workers),
+                                checkpoint_config=checkpoint_config, hang_config=hang_config, **(run_options or {}))
+        sc = trainkit.ScalingConfig(num_workers=workers, **(scaling_options or {}))
+        return TorchTrainer(fn, train_loop_config=config, scaling_config=sc,
                             run_config=rc, datasets=datasets, backend=self.backend_name)
 
-    def fit(self, fn: Callable, **kwargs):
-        """Run ``fn`` on the backend under test; return the trainkit ``Result`` (or raise)."""
-        return self.trainer(fn, **kwargs).fit()  # num_workers=0: the backend's local mode if it has one
+    def fit(self, fn: Callable, *, bound_s: Optional[float] = None, **kwargs):
+        """Run ``fn`` on the backend under test; return the trainkit ``Result`` (or raise).
+
+        The fit must end within ``bound_s`` (default: the case's bound); past it the backend's Ray
+        job is torn down and ``CaseTimeout`` is raised.
+        """
+        from trainkit_testing.cluster import needs_ray
+
+        trainer = self.trainer(fn, **kwargs)  # num_workers=0: the backend's local mode if it has one
+        bound = _Bound(bound_s or self.bound_s, needs_ray(self.backend))
+        with bound:
+            try:
+                result = trainer.fit()
+            except Exception as e:
+                if bound.fired:
+                    raise CaseTimeout(bound.bound_s, bound.killed) from e
+                raise
+        if bound.fired:
+            raise CaseTimeout(bound.bound_s, bound.killed)
+        return result
+
+    def storage_for(self, kind: str) -> str:
+        """A storage_path of the given kind: ``local`` (this case's folder) or ``s3`` (a fresh moto bucket)."""
+        import pytest
+
+        if kind == "local":
+            return self.storage
+        if self.s3 is None:
+            pytest.skip("missing moto: S3 cases need the moto server (pip install 'trainkit[test]')")
+        return f"s3://{self.s3.create_bucket('tkconf')}/runs"
+
+    def fs_for(self, storage_path: str):
+        """(fsspec filesystem, path without scheme) of a storage path."""
+        import fsspec
+
+        if storage_path.startswith("s3://"):
+            return self.s3.filesystem(), storage_path[len("s3://"):]
+        return fsspec.filesystem("file"), storage_path
 
     def fails(self, fn: Callable, **kwargs):
-        """Run ``fn``; it must fail. Returns the ``TrainingFailedError`` that ``fit()`` raised."""
+        """Run ``fn``; it must fail. Returns the ``TrainingFailedError`` that ``fit()`` raised
+        (``CaseTimeout`` is not one: a hung backend fails the case)."""
         from trainkit import TrainingFailedError
 
         try:
@@ -104,6 +258,14 @@ class Harness:
         except TrainingFailedError as e:
             return e
         raise AssertionError(f"fit() returned {result!r}; expected it to raise TrainingFailedError")
+
+    def result_from_path(self, path: str):
+        """``Result.from_path(path)`` as the backend reads its own run folders (``ray_train``: Ray
+        Train's snapshot, converted), else trainkit's."""
+        import trainkit
+
+        reader = getattr(self.backend, "result_from_path", None)
+        return reader(str(path)) if reader is not None else trainkit.Result.from_path(str(path))
 
     def run_path(self, name: str) -> str:
         return os.path.join(self.storage, name)
@@ -116,7 +278,7 @@ class Harness:
         """Every JSON file under ``dir`` whose name starts with ``prefix``: name -> value."""
         out = {}
         for n in sorted(os.listdir(self.dir)):
-            if n.startswith(prefix):
+            if n.startswith(prefix) and ".tmp" not in n:  # put()'s temp files are not values yet
                 out[n] = self.read(n)
         return out
 

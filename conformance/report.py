@@ -52,7 +52,9 @@ class Collector:
             info = info_of(item)
             if info is None:
                 continue
-            self.cases[item.nodeid] = {"id": info.id, "category": info.category_title, "outcome": "not run",
+            variant = getattr(getattr(item, "callspec", None), "id", "")  # DUR-007[s3]: one record per variant
+            self.cases[item.nodeid] = {"id": f"{info.id}[{variant}]" if variant else info.id,
+                                       "category": info.category_title, "outcome": "not run",
                                        "reason": "", "statement": info.statement, "extension": info.extension,
                                        "duration_s": 0.0}
 
@@ -151,7 +153,8 @@ def render_table(records: list[dict], backend: str, width: int = 120) -> str:
     console.print(table)
     notable = [r for r in records if r["outcome"] not in ("passed",)]
     for r in notable:
-        console.print(f"{r['outcome']:>8}  {r['id']:<14} {r.get('reason', '')}", overflow="fold", highlight=False)
+        console.print(f"{r['outcome']:>8}  {r['id']:<14} {r.get('reason', '')}", overflow="fold", highlight=False,
+                      markup=False)  # ids like DUR-007[s3] are not rich markup
     return buf.getvalue()
 
 

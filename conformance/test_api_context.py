@@ -14,7 +14,7 @@ from trainkit.backends.api import MULTI_WORKER
 
 # -- API surface ---------------------------------------------------------------------------------
 @case("API-001", "api", "The per-rank API (report, get_checkpoint, get_context, get_dataset_shard, "
-      "collective.barrier) raises an error saying it cannot be used outside a training function.")
+      "collective.barrier) raises an error saying it cannot be used outside a training function.", shared=True)
 def test_per_rank_api_outside_a_training_function_raises(tk):
     calls = {"report": lambda: trainkit.report({"x": 1}), "get_checkpoint": trainkit.get_checkpoint,
              "get_context": trainkit.get_context, "get_dataset_shard": lambda: trainkit.get_dataset_shard("train"),
@@ -30,7 +30,7 @@ def _two_args(a, b):  # pragma: no cover - never runs
 
 
 @case("API-002", "api", "A training function with more than one required argument is rejected before any "
-      "worker starts, with an error saying it must take 0 or 1 arguments.")
+      "worker starts, with an error saying it must take 0 or 1 arguments.", shared=True)
 def test_a_train_function_with_two_required_arguments_is_rejected(tk):
     with pytest.raises(ValueError, match="0 or 1"):
         tk.fit(_two_args, workers=1)
@@ -52,21 +52,25 @@ def test_train_function_arity_zero_and_one(tk):
     assert tk.fit(_one_arg, config=None).return_value == {"config": {}}
 
 
-def _rank_value(config):
-    return {"rank": trainkit.get_context().get_world_rank()}
+def _recovers(config):
+    rank = trainkit.get_context().get_world_rank()
+    attempt = count_attempt(config["dir"], rank)
+    if rank == 1 and attempt == 1:
+        raise RuntimeError("rank 1 fails the first attempt")
+    return {"rank": rank, "attempt": attempt}
 
 
-@case("API-004", "api", "fit() returns a Result whose error is None and whose return_value is rank 0's "
-      "return value.", requires=[MULTI_WORKER])
-def test_fit_returns_a_result_with_rank_zero_return_value(tk):
-    result = tk.fit(_rank_value, workers=2)
+@case("API-004", "api", "fit() of a run that recovered from a failure returns a Result whose error is None and "
+      "whose return_value is rank 0's return value of the final attempt.", requires=[MULTI_WORKER])
+def test_fit_of_a_recovered_run_returns_a_clean_result(tk):
+    result = tk.fit(_recovers, workers=2, config={"dir": tk.dir}, max_failures=1)
     assert isinstance(result, trainkit.Result)
-    assert result.error is None
-    assert result.return_value == {"rank": 0}
+    assert result.error is None, f"a run that recovered returned Result.error={result.error!r}"
+    assert result.return_value == {"rank": 0, "attempt": 2}, result.return_value
 
 
 @case("API-005", "api", "Invalid ScalingConfig.num_workers values (negative, min > max, float, 3-tuple) "
-      "raise a ValueError naming num_workers.")
+      "raise a ValueError naming num_workers.", shared=True)
 def test_invalid_num_workers_is_rejected(tk):
     for bad in (-1, (4, 2), 2.0, (1, 2, 3)):
         with pytest.raises(ValueError, match="num_workers"):
@@ -75,7 +79,7 @@ def test_invalid_num_workers_is_rejected(tk):
 
 
 @case("API-006", "api", "Invalid CheckpointConfig values (num_to_keep=0, order 'avg') and FailureConfig "
-      "values (max_failures=-5) raise a ValueError naming the field, before any worker starts.")
+      "values (max_failures=-5) raise a ValueError naming the field, before any worker starts.", shared=True)
 def test_invalid_checkpoint_and_failure_config_is_rejected(tk):
     with pytest.raises(ValueError, match="num_to_keep"):
         trainkit.CheckpointConfig(num_to_keep=0)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_files, checkpoint_with, put, resume_step
 from trainkit.backends.api import MULTI_WORKER
 
-_RT_FROM_PATH = ("Ray Train 2.60 writes checkpoint_manager_snapshot.json, not trainkit's run_state.json, so "
-                 "trainkit.Result.from_path cannot read its run folder (use ray.train.Result.from_path; its "
-                 "error is always None, reference §10.7).")
+_RT_FROM_PATH_ERROR = ("Ray Train 2.60's Result.from_path of a failed run has error None: the error is not "
+                       "persisted (reference §10.7).")
 
 
 # -- checkpoints and retention ------------------------------------------------------------------
@@ -92,12 +93,13 @@ def test_retention_by_score_min(tk):
 @case("CKPT-006", "checkpoints", "A checkpoint whose metrics lack the score attribute ranks worst, in 'min' order "
       "as in 'max'.", extension=True,
       ray_train="Ray Train 2.60 ranks a checkpoint with a missing score attribute as the best in 'min' order "
-      "(reference §20 W8, E2 keep_min).")
+      "(reference §20 W8, E2 keep_min).", ray_train_match=r"best_checkpoints steps: \[2")
 def test_missing_score_ranks_worst(tk):
     result = tk.fit(_scored, config={"scores": [3, None, 1]},
                     checkpoint_config=trainkit.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="score",
                                                                 checkpoint_score_order="min"))
-    assert _steps(result.best_checkpoints) == [3]
+    steps = _steps(result.best_checkpoints)
+    assert steps == [3], f"best_checkpoints steps: {steps}, want [3] (step 2 has no score)"
 
 
 def _named_dir(config):
@@ -134,17 +136,24 @@ def _resumable(config):
         trainkit.report({"step": step}, checkpoint=checkpoint_with({"step": step}) if rank == 0 else None)
 
 
-@case("PERSIST-001", "persistence", "A fresh run's get_checkpoint() is None on every rank.")
+@case("PERSIST-001", "persistence", "A fresh run's get_checkpoint() is None and get_all_reported_checkpoints() "
+      "empty on every rank, even beside another run with checkpoints in the same storage_path.",
+      requires=[MULTI_WORKER])
 def test_fresh_run_has_no_checkpoint(tk):
-    tk.fit(_resumable, config={"dir": tk.dir, "run": 1}, name="fresh")
-    assert tk.read("start-1-rank0.json") == 0
+    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 1}, name="other")
+    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 2}, name="fresh")
+    for rank in (0, 1):
+        assert tk.read(f"start-2-rank{rank}.json") == 0, f"rank {rank} of a fresh run got a checkpoint"
+        assert tk.read(f"all-2-rank{rank}.json") == [], f"rank {rank} of a fresh run lists reported checkpoints"
 
 
 @case("PERSIST-002", "persistence", "A second fit() with the same name and storage_path starts every rank from "
       "the previous run's latest checkpoint.", requires=[MULTI_WORKER])
-def test_rerun_resumes_from_the_latest_checkpoint(tk):
-    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 1}, name="again")
-    result = tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 2}, name="again")
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_rerun_resumes_from_the_latest_checkpoint(tk, storage):
+    path = tk.storage_for(storage)
+    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 1}, name="again", storage_path=path)
+    result = tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 2}, name="again", storage_path=path)
     assert tk.read("start-2-rank0.json") == 2 and tk.read("start-2-rank1.json") == 2
     assert checkpoint_files(result.checkpoint) == {"step": 4}
 
@@ -159,10 +168,10 @@ def test_resumed_run_sees_previous_checkpoints(tk):
 
 
 @case("PERSIST-004", "persistence", "Result.from_path(result.path) rebuilds the same checkpoint, metrics and "
-      "best checkpoints as the live Result, without error.", ray_train=_RT_FROM_PATH, ray_train_run=False)
+      "best checkpoints as the live Result, without error.")
 def test_result_from_path_matches_the_live_result(tk):
     live = tk.fit(_resumable, config={"dir": tk.dir, "run": 1})
-    loaded = trainkit.Result.from_path(live.path)
+    loaded = tk.result_from_path(live.path)
     assert loaded.error is None
     assert os.path.normpath(loaded.checkpoint.path) == os.path.normpath(live.checkpoint.path)
     assert loaded.metrics == live.metrics
@@ -175,11 +184,11 @@ def _fails_after_two(config):
 
 
 @case("PERSIST-005", "persistence", "After a failed run, Result.from_path(run folder) has the same error as "
-      "fit() raised, and the last committed checkpoint.", extension=True, ray_train=_RT_FROM_PATH,
-      ray_train_run=False)
+      "fit() raised, and the last committed checkpoint.", extension=True, ray_train=_RT_FROM_PATH_ERROR,
+      ray_train_match="from_path error is None")
 def test_result_from_path_of_a_failed_run_has_the_error(tk):
     err = tk.fails(_fails_after_two, name="failed")
-    loaded = trainkit.Result.from_path(tk.run_path("failed"))
-    assert isinstance(loaded.error, trainkit.TrainingFailedError)
+    loaded = tk.result_from_path(tk.run_path("failed"))
+    assert isinstance(loaded.error, trainkit.TrainingFailedError), f"Result.from_path error is {loaded.error!r}"
     assert "failure after step 1" in str(loaded.error) and "failure after step 1" in str(err)
     assert checkpoint_files(loaded.checkpoint) == {"step": 1}

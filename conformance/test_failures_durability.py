@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_with, count_attempt, put, resume_step
@@ -123,10 +125,11 @@ _RT_LOST_ROUNDS = ("Ray Train 2.60 can lose rounds whose reports were still queu
 
 @case("DUR-001", "durability", "When a rank dies right after report(step k) returned, the restarted group "
       "resumes from step k or k-1 (never older), and the run finishes.", requires=[MULTI_WORKER],
-      ray_train=_RT_LOST_ROUNDS)
+      ray_train=_RT_LOST_ROUNDS, ray_train_match="resumed from step 0", ray_train_racy=True)
 def test_death_after_report_resumes_from_k_or_k_minus_one(tk):
     result = tk.fit(_dies_after_report, workers=2, config={"dir": tk.dir}, max_failures=1)
-    assert tk.read("start-a2-rank0.json") in (1, 2)
+    start = tk.read("start-a2-rank0.json")
+    assert start in (1, 2), f"the restarted group resumed from step {start} after report(2) returned"
     assert result.metrics["step"] == 3
 
 
@@ -134,10 +137,12 @@ def test_death_after_report_resumes_from_k_or_k_minus_one(tk):
       "right after report(step k) returned resumes the group from step k.",
       requires=[MULTI_WORKER, DURABLE_REPORT], extension=True,
       ray_train="Ray Train 2.60 drops a round whose reports were still in a dead worker's queue: the group "
-      "resumes from step k-1 and step k's folder is left orphaned (reference §5.5, W1, E2 lost_report).")
+      "resumes from step k-1 (or older) and step k's folder is left orphaned; a race, so sometimes step k is kept "
+      "(reference §5.5, W1, E2 lost_report).", ray_train_match="was lost", ray_train_racy=True)
 def test_death_after_report_never_loses_the_checkpoint(tk):
     tk.fit(_dies_after_report, workers=2, config={"dir": tk.dir}, max_failures=1)
-    assert tk.read("start-a2-rank0.json") == 2, "the checkpoint of a report that returned was lost"
+    start = tk.read("start-a2-rank0.json")
+    assert start == 2, f"the checkpoint of a report that returned was lost: resumed from step {start}"
 
 
 def _dies_before_report(config):
@@ -163,10 +168,11 @@ def test_incomplete_round_is_not_handed_out(tk):
 
 @case("DUR-006", "durability", "After a rank dies before report(step k), the restarted group resumes from step "
       "k-1, whose report had returned on every rank.", requires=[MULTI_WORKER, DURABLE_REPORT], extension=True,
-      ray_train=_RT_LOST_ROUNDS)
+      ray_train=_RT_LOST_ROUNDS, ray_train_match="resumed from", ray_train_racy=True)
 def test_round_before_an_incomplete_one_is_kept(tk):
     tk.fit(_dies_before_report, workers=2, config={"dir": tk.dir}, max_failures=1)
-    assert tk.read("start-a2-rank0.json") == 1 and tk.read("start-a2-rank1.json") == 1
+    starts = [tk.read("start-a2-rank0.json"), tk.read("start-a2-rank1.json")]
+    assert starts == [1, 1], f"the restarted ranks resumed from steps {starts}, not step 1"
 
 
 def _fails_always_after(config):
@@ -181,16 +187,19 @@ def _fails_always_after(config):
 
 @case("DUR-004", "durability", "A new fit() with the same name after a failed run resumes from the failed "
       "run's last committed checkpoint.")
-def test_new_fit_after_a_failed_run_resumes(tk):
-    tk.fails(_fails_always_after, config={"dir": tk.dir, "run": 1, "fail": True}, name="durable")
-    tk.fit(_fails_always_after, config={"dir": tk.dir, "run": 2}, name="durable")
-    assert tk.read("start-run2.json") == 2
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_new_fit_after_a_failed_run_resumes(tk, storage):
+    path = tk.storage_for(storage)
+    tk.fails(_fails_always_after, config={"dir": tk.dir, "run": 1, "fail": True}, name="durable", storage_path=path)
+    tk.fit(_fails_always_after, config={"dir": tk.dir, "run": 2}, name="durable", storage_path=path)
+    start = tk.read("start-run2.json")
+    assert start == 2, f"the new fit() resumed from step {start}, not the failed run's last checkpoint (2)"
 
 
 @case("DUR-005", "durability", "The run folder's events.jsonl records the run's start, every committed report "
       "in order, and its end.", extension=True,
       ray_train="Ray Train 2.60 writes no event stream to storage; its logs go to the Ray session folder "
-      "(reference §4.2.5).", ray_train_run=False)
+      "(reference §4.2.5).", ray_train_raises=FileNotFoundError, ray_train_match="events.jsonl")
 def test_event_stream_records_the_run(tk):
     import json
 

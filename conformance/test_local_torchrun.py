@@ -53,11 +53,13 @@ def _local_checkpoint(config):
 
 @case("LOCAL-003", "local", "In local mode checkpoints are committed to storage like in distributed mode: "
       "Result.path is the run folder and a metrics-only report keeps the checkpoint.", extension=True,
-      ray_train=_RT_LOCAL_STORAGE)
+      ray_train=_RT_LOCAL_STORAGE,
+      ray_train_match=r"get_checkpoint\(\) after a metrics-only report|Result.path is None")
 def test_local_mode_persists_checkpoints(tk):
     result = tk.fit(_local_checkpoint, workers=0, name="localrun")
-    assert result.return_value == {"step": 1}
-    assert os.path.normpath(str(result.path)) == os.path.normpath(tk.run_path("localrun"))
+    assert result.return_value == {"step": 1}, f"get_checkpoint() after a metrics-only report: {result.return_value}"
+    assert os.path.normpath(str(result.path)) == os.path.normpath(tk.run_path("localrun")), \
+        f"local mode's Result.path is {result.path}"
     assert checkpoint_files(result.checkpoint) == {"step": 1}
     assert os.path.normpath(result.checkpoint.path).startswith(os.path.normpath(tk.run_path("localrun")))
 
@@ -69,7 +71,7 @@ def _local_raises(config):
 @case("LOCAL-004", "local", "In local mode a failing function makes fit() raise TrainingFailedError, as in "
       "distributed mode.", extension=True,
       ray_train="Ray Train 2.60's local mode lets the training function's own exception (e.g. KeyError) "
-      "propagate unchanged (reference §12).")
+      "propagate unchanged (reference §12).", ray_train_raises=KeyError, ray_train_match="boom")
 def test_local_mode_failure_is_training_failed_error(tk):
     err = tk.fails(_local_raises, workers=0)
     assert "boom" in str(err)
@@ -82,7 +84,9 @@ def _local_flaky(config):
 
 
 @case("LOCAL-005", "local", "In local mode FailureConfig.max_failures re-runs the function in process.",
-      extension=True, ray_train="Ray Train 2.60's local mode ignores FailureConfig: no retries (reference §12).")
+      extension=True, ray_train="Ray Train 2.60's local mode ignores FailureConfig: no retries; the first "
+      "attempt's exception propagates from fit() (reference §12).", ray_train_raises=RuntimeError,
+      ray_train_match="first attempt fails")
 def test_local_mode_retries(tk):
     assert tk.fit(_local_flaky, workers=0, config={"dir": tk.dir}, max_failures=1).return_value == "second attempt"
 
@@ -172,18 +176,21 @@ def test_torchrun_ranks(tk, torchrun_out):
 @case("TORCHRUN-002", "torchrun", "Under torchrun, broadcast_from_rank_zero returns rank 0's value in every "
       "process.", extension=True,
       ray_train="Ray Train 2.60's local mode makes collectives no-ops even under torchrun: rank 1's "
-      "broadcast_from_rank_zero returns its own value (reference §12, W13, E6).")
+      "broadcast_from_rank_zero returns its own value (reference §12, W13, E6).",
+      ray_train_match=r"broadcasts returned \[\{'from': 0\}, \{'from': 1\}\]")
 def test_torchrun_broadcast(tk, torchrun_out):
-    assert [rec["bcast"] for rec in _ranks(torchrun_out)] == [{"from": 0}, {"from": 0}]
+    got = [rec["bcast"] for rec in _ranks(torchrun_out)]
+    assert got == [{"from": 0}, {"from": 0}], f"the ranks' broadcasts returned {got}"
 
 
 @case("TORCHRUN-003", "torchrun", "Under torchrun, report() commits one checkpoint holding every process's files "
       "in the run folder, seen by get_checkpoint() in every process and in the Result.", extension=True,
-      ray_train=_RT_LOCAL_STORAGE)
+      ray_train=_RT_LOCAL_STORAGE, ray_train_match=r"get_checkpoint\(\) after report\(\) held")
 def test_torchrun_report_commits_one_checkpoint(tk, torchrun_out):
     ranks = _ranks(torchrun_out)
     both = {"rank0": 0, "rank1": 1}
-    assert [rec["ckpt"] for rec in ranks] == [both, both]
+    got = [rec["ckpt"] for rec in ranks]
+    assert got == [both, both], f"get_checkpoint() after report() held {got} in the two processes"
     res = torchrun_out["records"].get("result0")
     assert res and res["ckpt"] == both and res["metrics"]["rank"] == 0, res
     assert os.path.normpath(res["path"]) == os.path.normpath(torchrun_out["run"])

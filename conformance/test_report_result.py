@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
 
 import trainkit
 from conformance.case import case
-from conformance.harness import checkpoint_files, checkpoint_with, put
+from conformance.harness import checkpoint_files, checkpoint_with, count_attempt, put
 from trainkit.backends.api import MULTI_WORKER
 
 _RT_METRICS = ("Ray Train 2.60's Result.metrics is the metrics of the latest *checkpointed* report: metrics-only "
@@ -45,39 +46,80 @@ def test_round_metrics_are_rank_zero_metrics(tk):
     assert tk.fit(_reports_with_rank_metrics, workers=2).metrics == {"rank": 0, "k": 1}
 
 
-def _uneven_reports(config):
-    n = 2 if trainkit.get_context().get_world_rank() == 0 else 3
-    for i in range(n):
-        trainkit.report({"i": i})
+_RT_MISMATCH_HANG = ("Ray Train 2.60 hangs when ranks call report() a different number of times: the rank still "
+                     "in report() waits forever (no default collective timeout; only RAY_TRAIN_COLLECTIVE_TIMEOUT_S "
+                     "ends it), so the case's bound ends the run (reference §7.6, W4, E2 mismatch).")
+_RT_CROSSTALK = ("Ray Train 2.60 pairs report() on one rank with a collective on another silently (one unsequenced "
+                 "barrier): fit() returns, the collective returns the report's checkpoint dir name and the round "
+                 "is dropped (reference §7.2.2, W5, E9).")
 
 
-@case("REPORT-003", "report", "Ranks that call report() a different number of times end the run at once with an "
-      "error that says 'report' (not left to a timeout).", requires=[MULTI_WORKER], extension=True,
-      ray_train="Ray Train 2.60 hangs forever when ranks call report() a different number of times (no default "
-      "collective timeout; only RAY_TRAIN_COLLECTIVE_TIMEOUT_S ends it) (reference §7.6, W4, E2 mismatch).",
-      ray_train_run=False)
-def test_mismatched_report_counts_fail_fast(tk):
-    t0 = time.monotonic()
-    err = tk.fails(_uneven_reports, workers=2)
-    assert "report" in str(err)
-    assert time.monotonic() - t0 < 60, "a report mismatch must not wait for a timeout"
+def _mismatch(config):
+    """Rank 1 calls config['rank1'] (a list of operations), the other ranks config['rank0']."""
+    rank = trainkit.get_context().get_world_rank()
+    count_attempt(config["dir"], rank)
+    for op in config["rank1" if rank == 1 else "rank0"]:
+        if op == "report":
+            trainkit.report({"rank": rank})
+        elif op == "barrier":
+            trainkit.collective.barrier()
+        else:
+            trainkit.collective.broadcast_from_rank_zero({"from": rank})
 
 
-def _report_vs_barrier(config):
-    if trainkit.get_context().get_world_rank() == 0:
-        trainkit.report({"i": 1})
-    else:
-        trainkit.collective.barrier()
+def _mismatch_failure(tk, err, *words: str):
+    """The failure record naming the mismatch; checked on its fields (never the traceback text, whose
+    function names already hold the words), and the run was not retried although max_failures=2."""
+    failures = [f for f in getattr(err, "failures", []) if f.kind == "mismatch"]
+    assert failures, (f"the run failed, but not of a mismatch: failure kinds "
+                      f"{[(f.kind, f.exc_type, f.message[:120]) for f in getattr(err, 'failures', [])]}")
+    f = failures[0]
+    for w in words:
+        assert w in f.message, f"the mismatch error does not say {w!r}: {f.message}"
+    starts = len(tk.lines("starts-rank0"))
+    assert starts == 1, f"a mismatch was retried: rank 0 started {starts} times with max_failures=2"
+    return f
 
 
-@case("REPORT-004", "report", "A barrier() on one rank never pairs with a report() on another: the run fails "
-      "naming both operations.", requires=[MULTI_WORKER], extension=True,
-      ray_train="Ray Train 2.60 pairs report() on one rank with collective.barrier() on another silently: the "
-      "barrier returns rank 0's checkpoint dir name and the round is dropped (reference §7.2.2, W5, E9).",
-      ray_train_run=False)
+@case("REPORT-003", "report", "A rank that calls report() more times than the others ends the run at once with a "
+      "mismatch error that says 'report' and names the rank that returned and its report count, not retried.",
+      requires=[MULTI_WORKER], extension=True, bound_s=90, ray_train=_RT_MISMATCH_HANG,
+      ray_train_raises="CaseTimeout")
+def test_a_rank_reporting_more_times_fails_fast(tk):
+    err = tk.fails(_mismatch, workers=2, max_failures=2,
+                   config={"dir": tk.dir, "rank0": ["report"] * 2, "rank1": ["report"] * 3})
+    f = _mismatch_failure(tk, err, "report", "rank 0")
+    assert re.search(r"\b2\b", f.message), f"the error does not give rank 0's report count (2): {f.message}"
+
+
+@case("REPORT-008", "report", "A rank that calls report() fewer times than the others ends the run at once with a "
+      "mismatch error that says 'report' and names the rank that returned and its report count, not retried.",
+      requires=[MULTI_WORKER], extension=True, bound_s=90, ray_train=_RT_MISMATCH_HANG,
+      ray_train_raises="CaseTimeout")
+def test_a_rank_reporting_fewer_times_fails_fast(tk):
+    err = tk.fails(_mismatch, workers=2, max_failures=2,
+                   config={"dir": tk.dir, "rank0": ["report"] * 3, "rank1": ["report"]})
+    f = _mismatch_failure(tk, err, "report", "rank 1")
+    assert re.search(r"\b1 report", f.message), f"the error does not give rank 1's report count (1): {f.message}"
+
+
+@case("REPORT-004", "report", "A barrier() on one rank never pairs with a report() on another: the run fails at "
+      "once with a mismatch error naming both operations, not retried.", requires=[MULTI_WORKER], extension=True,
+      bound_s=90, ray_train=_RT_CROSSTALK, ray_train_match=r"fit\(\) returned")
 def test_report_never_pairs_with_a_barrier(tk):
-    err = tk.fails(_report_vs_barrier, workers=2)
-    assert "report" in str(err) and "barrier" in str(err)
+    err = tk.fails(_mismatch, workers=2, max_failures=2,
+                   config={"dir": tk.dir, "rank0": ["report"], "rank1": ["barrier"]})
+    _mismatch_failure(tk, err, "report", "barrier")
+
+
+@case("REPORT-009", "report", "A broadcast_from_rank_zero() on one rank never pairs with a report() on another: "
+      "the run fails at once with a mismatch error naming both operations, not retried.",
+      requires=[MULTI_WORKER], extension=True, bound_s=90, ray_train=_RT_CROSSTALK,
+      ray_train_match=r"fit\(\) returned")
+def test_report_never_pairs_with_a_broadcast(tk):
+    err = tk.fails(_mismatch, workers=2, max_failures=2,
+                   config={"dir": tk.dir, "rank0": ["report"], "rank1": ["broadcast"]})
+    _mismatch_failure(tk, err, "report", "broadcast")
 
 
 def _tensor_metrics(config):
@@ -140,9 +182,10 @@ def _metrics_only(config):
 
 
 @case("RESULT-002", "result", "Result.metrics are the last reported metrics, also when the last report has no "
-      "checkpoint.", extension=True, ray_train=_RT_METRICS)
+      "checkpoint.", extension=True, ray_train=_RT_METRICS, ray_train_match=r"Result.metrics is \{'step': 1\}")
 def test_result_metrics_are_the_last_report_even_without_checkpoint(tk):
-    assert tk.fit(_metrics_only).metrics == {"step": 2, "loss": 0.5}
+    metrics = tk.fit(_metrics_only).metrics
+    assert metrics == {"step": 2, "loss": 0.5}, f"Result.metrics is {metrics}, not the last report's"
 
 
 def _no_checkpoint(config):
@@ -167,14 +210,15 @@ def test_result_path_is_the_run_folder(tk):
 @case("RESULT-005", "result", "Result.metrics_dataframe has one row per report of the run, in order.",
       extension=True,
       ray_train="Ray Train 2.60's metrics_dataframe has one row per retained checkpoint, not per report "
-      "(reference §10.4).")
+      "(reference §10.4).", ray_train_match=r"metrics_dataframe steps: \[2\]")
 def test_metrics_dataframe_is_the_report_history(tk):
     def fn(config):
         for step in (1, 2, 3):
             trainkit.report({"step": step}, checkpoint=checkpoint_with({"step": step}) if step == 2 else None)
 
     df = tk.fit(fn).metrics_dataframe
-    assert df is not None and list(df["step"]) == [1, 2, 3]
+    steps = None if df is None else list(df["step"])
+    assert steps == [1, 2, 3], f"metrics_dataframe steps: {steps}, not one row per report"
 
 
 def _returns_per_rank(config):

@@ -86,3 +86,58 @@ def test_json_document_has_the_published_fields(tmp_path, capsys):
     assert json.loads(out.read_text()) == doc
     write_json(doc, "-")
     assert json.loads(capsys.readouterr().out) == doc
+
+
+# -- divergences are checked, not declared -------------------------------------------------------
+def _div(**kw):
+    from conformance.case import Divergence
+
+    return Divergence("ray_train", "Ray Train 2.60 does X.", **kw)
+
+
+def _info():
+    from conformance.case import CaseInfo
+
+    return CaseInfo("ZZZ-900", "report", "X.")
+
+
+def test_a_divergence_is_xfailed_only_for_its_documented_exception_and_message():
+    from conformance.conftest import _check_divergence
+
+    with pytest.raises(pytest.xfail.Exception):
+        _check_divergence(_info(), _div(match="metrics is None"), AssertionError("Result.metrics is None"))
+    with pytest.raises(pytest.xfail.Exception):
+        _check_divergence(_info(), _div(raises="CaseTimeout"), __import__("conformance.harness").harness.CaseTimeout(5))
+
+
+def test_an_adapter_crash_or_another_message_is_not_taken_for_the_divergence():
+    from conformance.conftest import DivergenceMismatch, _check_divergence
+
+    with pytest.raises(DivergenceMismatch, match="TypeError"):
+        _check_divergence(_info(), _div(), TypeError("adapter bug"))
+    with pytest.raises(DivergenceMismatch, match="metrics is None"):
+        _check_divergence(_info(), _div(match="metrics is None"), AssertionError("Result.metrics is {}"))
+
+
+def test_a_pass_of_a_divergent_case_fails_unless_the_divergence_is_a_race():
+    from conformance.conftest import DivergenceMismatch, _check_divergence
+
+    with pytest.raises(DivergenceMismatch, match="divergence is gone"):
+        _check_divergence(_info(), _div(), None)
+    _check_divergence(_info(), _div(racy=True), None)  # a documented race may go the rule's way
+
+
+def test_only_local_certifies_shared_cases_and_local_mode_cases_reach_only_backends_that_run_local_mode():
+    from conformance.case import CaseInfo
+
+    class B:
+        def __init__(self, name, local):
+            self.name, self.handles_local_mode = name, local
+
+    shared = CaseInfo("API-900", "api", "X.", shared=True)
+    local = CaseInfo("LOCAL-900", "local", "X.")
+    plain = CaseInfo("REPORT-900", "report", "X.")
+    assert shared.reaches(B("local", True)) and not shared.reaches(B("ray", False))
+    assert not shared.reaches(B("ray_train", True))
+    assert local.reaches(B("ray_train", True)) and not local.reaches(B("ray", False))
+    assert plain.reaches(B("ray", False))
