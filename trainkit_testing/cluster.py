@@ -43,6 +43,12 @@ FAST_FAILURE_ENV = {
 # Starting many Ray processes at once on a small, busy machine (CI, pytest -n) can take longer
 # than Ray's default 30 s wait for the GCS port: wait longer rather than fail the session.
 SLOW_START_ENV = {"RAY_gcs_server_port_wait_time_s": "120"}
+# A test cluster is local and lives for one session: no token auth. Ray 2.60 turns token auth on for a
+# new local cluster and each process looks for the token on its own ($HOME/.ray/auth_token, cached per
+# process), so a process whose HOME or RAY_AUTH_MODE differs at that moment (pytester moves HOME; an
+# earlier private cluster set RAY_AUTH_MODE=token) cannot join the session's cluster: InvalidAuthToken,
+# measured on a CI run. Starter and joiners say the same thing explicitly instead.
+AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
 _SHARED_WAIT_S = 3600  # how long the starting xdist worker waits for the others before stopping the cluster
 
 
@@ -119,7 +125,7 @@ class Cluster:
             disconnect()
         self.ray_tmpdir = tempfile.mkdtemp(prefix=self.tmp_prefix, dir="/tmp")  # short: Ray's socket paths must fit
         self._environ.set({**self.env, **(FAST_FAILURE_ENV if self.fast_failure else {}), **SLOW_START_ENV,
-                           "RAY_TMPDIR": self.ray_tmpdir})
+                           **AUTH_ENV, "RAY_TMPDIR": self.ray_tmpdir})
         self._environ.pop("RAY_ADDRESS")
         head = {"num_cpus": self.head_cpus, "include_dashboard": False}
         if self.head_resources:
@@ -256,6 +262,7 @@ class FakeCluster:
         import ray
 
         if not ray.is_initialized():
+            self._environ.set(AUTH_ENV)
             ray.init(address=self.address, log_to_driver=True, runtime_env=self._runtime_env)
 
 
@@ -291,7 +298,7 @@ def acquire_shared(plan: ClusterPlan, env: dict, testrunuid: str, worker_id: str
     handle = FakeCluster(info["address"], info["ray_tmpdir"], info["nodes"], info["cpus_per_node"], shared=True,
                          owner=False, _coord_dir=coord, _user=worker_id,
                          _runtime_env={"env_vars": dict(env)} if env else None)
-    handle._environ.set(env, RAY_TMPDIR=info["ray_tmpdir"])
+    handle._environ.set({**env, **AUTH_ENV}, RAY_TMPDIR=info["ray_tmpdir"])
     handle._environ.pop("RAY_ADDRESS")
     if ray.is_initialized():
         disconnect()

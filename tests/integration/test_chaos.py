@@ -1,7 +1,8 @@
 """``trainkit chaos`` end to end: each shipped scenario on its own local cluster, through ``main(args)``.
 
-Every call starts and stops its own ``trainkit_testing.cluster.Cluster`` (private RAY_TMPDIR), so
-these tests must not share the process with an initialised Ray: run this file alone.
+Every call starts and stops its own ``trainkit_testing.cluster.Cluster`` (private RAY_TMPDIR), and the
+runner refuses a process already connected to a Ray: each test first disconnects this process from
+the session's cluster (a later test's ``ray_up`` connects it again).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from fault_injection.chaos import main
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_connection():
+    from trainkit_testing.cluster import disconnect
+
+    disconnect()
 
 
 def _args(path, tmp_path, **kw):
