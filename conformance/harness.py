@@ -44,6 +44,9 @@ class CaseTimeout(Exception):
         return (type(self), (self.bound_s, self.torn_down))
 
 
+_private_ray = False  # True while the suite runs on the private Ray that ray_for started
+
+
 def teardown_ray_job() -> int:
     """Kill the processes of every live actor of this driver's Ray job (controllers, worker
     groups, Ray Train's actors): a hung run ends and its resources come back. Returns how many."""
@@ -67,7 +70,11 @@ def teardown_ray_job() -> int:
             except ProcessLookupError:
                 pass
     # Placement groups outlive the non-detached actor that created them (until the job ends): remove
-    # them, or the next case cannot place its workers. The private Ray is this suite's alone.
+    # them, or the next case cannot place its workers. Only on the suite's own private Ray: the table
+    # does not say which job made a group, and on a Ray this process joined (the pytest plugin's
+    # session cluster) other drivers' groups are live; removing them cancelled their actors.
+    if not _private_ray:
+        return killed
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     for pg_id, pg in ray.util.placement_group_table().items():
@@ -132,10 +139,15 @@ def ray_for(backend: Any, env: Optional[dict] = None) -> Iterator[Any]:
         import ray
 
         if not ray.is_initialized():
+            global _private_ray
             with Cluster(nodes=NODES, cpus_per_node=CPUS_PER_NODE, head_cpus=0,
                          env={"TRAINKIT_PROGRESS": "0", **(env or {})}, fast_failure=False,
                          log_to_driver=False, tmp_prefix="tkconf-") as cluster:
-                yield cluster
+                _private_ray = True
+                try:
+                    yield cluster
+                finally:
+                    _private_ray = False
             return
     yield None
 

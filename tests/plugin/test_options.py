@@ -55,7 +55,7 @@ def test_ini_keys_set_the_same_settings_and_the_command_line_wins(pytester):
     (["--trainkit-workers=0"], "*--trainkit-workers=0 is invalid: expected an int >= 1*"),
     (["--trainkit-workers=two"], "*--trainkit-workers='two' is invalid*"),
     (["--trainkit-nodes=-1"], "*--trainkit-nodes=-1 is invalid: expected an int >= 1*"),
-    (["--trainkit-backend=rya"], "*--trainkit-backend='rya' is invalid: expected one of local, ray, ray_train*"),
+    (["--trainkit-backend=rya"], "*--trainkit-backend='rya' is invalid: expected one of *local, ray, ray_train*"),
     (["--trainkit-hang-timeout=0"], "*--trainkit-hang-timeout='0' is invalid: expected a number of seconds > 0*"),
     (["--trainkit-hang-timeout=soon"], "*--trainkit-hang-timeout='soon' is invalid*"),
 ])
