@@ -101,7 +101,7 @@ def test_the_local_mode_unit_tests_of_the_ray_docs_pass_under_pytest(migrated, t
     # Ray Data's auto-init in that process would join any Ray it finds running (this session's, another
     # pytest's); RAY_ADDRESS=local makes it start its own, as on a machine with no cluster
     proc = _subprocess([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(migrated / "local_mode_unit_test.py")], tmp_path, RAY_ADDRESS="local")
+                        str(migrated / "local_mode_unit_tests.py")], tmp_path, RAY_ADDRESS="local")
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "2 passed" in proc.stdout
 
