@@ -280,20 +280,29 @@ class Lease:
         """Take the run folder's lease (``lease_s``: ``LEASE_S``), or raise ``RunOwnedError`` naming its live owner."""
         me = this_owner(LEASE_S if lease_s is None else lease_s, backend)
         data = me.to_json()
+        # Held from before the write: a driver thread of this process that reads owner.json just after
+        # our write must see a live owner, not a token this process does not hold (which reads as a
+        # lease left by an earlier run here, and was taken over: two winners, 1 race in ~10).
+        with _held_lock:
+            _held.add(me.token)
+        won = False
         try:
             for _ in range(5):
                 old, etag = read_lease(store)
                 if old is None:
                     if _create(store, data):
+                        won = True
                         return cls._held(store, me)
                     continue
                 owner = Owner.parse(old)
                 if owner is not None and owner.token == me.token:  # a write whose answer was lost did land
+                    won = True
                     return cls._held(store, me)
                 gone = "owner.json is damaged" if owner is None else owner_gone(owner)
                 if gone is None:
                     raise owned_error(store, owner)
                 if _replace(store, old, etag, data):
+                    won = True
                     logger.warning("took over %s: its previous driver%s is gone (%s)", store.uri,
                                    f", {owner.describe()}," if owner else "", gone)
                     return cls._held(store, me, owner, gone)
@@ -301,6 +310,10 @@ class Lease:
             raise
         except Exception as e:  # noqa: BLE001 - every filesystem's failure is the storage's failure
             raise storage_io_error("taking the lease", to_uri(store.fs, store.path(OWNER)), e) from e
+        finally:
+            if not won:
+                with _held_lock:
+                    _held.discard(me.token)
         raise RunOwnedError(f"could not take the lease {store.path(OWNER)} of run {store.uri}: other drivers "
                             "are taking it at the same time; start one driver per RunConfig.name")
 
