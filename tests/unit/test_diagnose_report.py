@@ -7,6 +7,7 @@ events.jsonl, diagnostics/hang-*/summary.json + rank-*.txt); no Ray.
 from __future__ import annotations
 
 import argparse
+import re
 import json
 
 import pytest
@@ -226,7 +227,9 @@ def test_live_refuses_a_pid_that_is_not_a_rank_of_the_run_and_names_it(tmp_path,
         assert claimed_elsewhere.stdout.readline().strip() == "ready"
         _owned_by(run, secret.pid)
         text = (run / "events.jsonl").read_text()
-        text = text.replace('"pid": 10', f'"pid": {claimed_elsewhere.pid}').replace('"pid": 11', f'"pid": {secret.pid}')
+        # one pass: a replaced pid that starts with 11 (pid 11514) must not be replaced again
+        text = re.sub(r'"pid": (10|11)\b', lambda m: f'"pid": {claimed_elsewhere.pid if m.group(1) == "10" else secret.pid}',
+                      text)
         (run / "events.jsonl").write_text(text)
         assert diagnose(argparse.Namespace(run=str(run), live=True, json=None)) == 0
         out = capsys.readouterr().out
