@@ -39,5 +39,8 @@ DEBUG_RANK = EnvVar("TRAINKIT_DEBUG_RANK", "", "world rank that waits for a debu
 PROGRESS = EnvVar("TRAINKIT_PROGRESS", "auto", "driver progress line: auto (when a tty), 1, 0")
 WORKER_START_TIMEOUT_S = EnvVar("TRAINKIT_WORKER_START_TIMEOUT_S", "60",
                                 "how long fit() waits for min_workers to be placeable")
+REPORT_CHANNEL = EnvVar("TRAINKIT_REPORT_CHANNEL", "tcp",
+                        "how ranks reach the controller at report() and collectives: tcp (a direct "
+                        "connection) or ray (actor calls)")
 PREEMPTION_GRACE_S = EnvVar("TRAINKIT_PREEMPTION_GRACE_S", "0",
                             "grace period a SIGTERM preemption notice gives (0: unknown)")

@@ -326,7 +326,10 @@ def _collective_fn(config):
     return rank
 
 
-def test_collectives_and_context_values_are_consistent_across_two_ranks(storage_path, tmp_path):
+@pytest.mark.parametrize("channel", ["tcp", "ray"])  # rounds over the report channel, or as actor calls
+def test_collectives_and_context_values_are_consistent_across_two_ranks(storage_path, tmp_path, monkeypatch,
+                                                                          channel):
+    monkeypatch.setenv("TRAINKIT_REPORT_CHANNEL", channel)
     out = str(tmp_path / "seen")
     result = _fit(_collective_fn, storage_path, "ctx-run", config={"out": out})
     seen = [_read_json(os.path.join(out, f"rank-{r}.json")) for r in range(2)]
@@ -343,6 +346,9 @@ def test_collectives_and_context_values_are_consistent_across_two_ranks(storage_
     assert result.return_value == 0
     started = _of_type(_events(os.path.join(storage_path, "ctx-run")), "attempt_started")[-1]
     assert {r["world_rank"]: r["pid"] for r in started["ranks"]} == {0: seen[0]["pid"], 1: seen[1]["pid"]}
+    for r in range(2):  # the channel was used, not left for actor calls
+        with open(os.path.join(storage_path, "ctx-run", "logs", "attempt-1", f"rank-{r}.log")) as f:
+            assert "using actor calls" not in f.read()
 
 
 # -- 6. resume by name --------------------------------------------------------------------------

@@ -188,3 +188,22 @@ def test_the_worker_start_timeout_is_read_in_the_driver(monkeypatch):
     assert worker_start_timeout_s() == 12.5
     monkeypatch.delenv("TRAINKIT_WORKER_START_TIMEOUT_S")
     assert worker_start_timeout_s() == 60.0
+
+
+@pytest.mark.parametrize("raw", ["grpc", "", "1"])
+def test_a_bad_report_channel_is_a_config_error_naming_the_variable(monkeypatch, raw):
+    from trainkit.backends.ray import report_channel
+
+    monkeypatch.setenv("TRAINKIT_REPORT_CHANNEL", raw)
+    with _raises_config_error("TRAINKIT_REPORT_CHANNEL") as info:
+        report_channel()
+    assert "tcp or ray" in str(info.value)
+
+
+def test_the_report_channel_is_read_in_the_driver(monkeypatch):
+    from trainkit.backends.ray import report_channel
+
+    monkeypatch.setenv("TRAINKIT_REPORT_CHANNEL", " RAY ")
+    assert report_channel() == "ray"
+    monkeypatch.delenv("TRAINKIT_REPORT_CHANNEL")
+    assert report_channel() == "tcp"

@@ -39,6 +39,7 @@ class TrainSpec:
     takes_config: bool = True
     # Resolved in the driver at fit() (TRAINKIT_WORKER_START_TIMEOUT_S), read by the controller actor.
     worker_start_timeout_s: float = 60.0
+    report_channel: str = "tcp"  # TRAINKIT_REPORT_CHANNEL: rounds over a direct connection ("tcp") or actor calls ("ray")
     validation_config: Any = None  # the trainer's ValidationConfig: rank 0 validates reported checkpoints
 
 

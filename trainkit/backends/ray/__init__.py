@@ -148,6 +148,15 @@ def worker_start_timeout_s() -> float:
     return value
 
 
+def report_channel() -> str:
+    from trainkit.errors import ConfigError
+
+    value = _env.REPORT_CHANNEL.get().strip().lower()
+    if value not in ("tcp", "ray"):
+        raise ConfigError(_env.REPORT_CHANNEL.name, _env.REPORT_CHANNEL.get(), "tcp or ray")
+    return value
+
+
 class RayBackend:
     name = "ray"
     capabilities = frozenset({backends.MULTI_WORKER, backends.FAULT_INJECTION, backends.ELASTIC,
@@ -160,7 +169,8 @@ class RayBackend:
         from trainkit.diagnostics.debug import with_env_debugger
 
         spec = with_env_debugger(spec)  # TRAINKIT_DEBUG_RANK: a RankDebugger callback
-        spec = dataclasses.replace(spec, worker_start_timeout_s=worker_start_timeout_s())
+        spec = dataclasses.replace(spec, worker_start_timeout_s=worker_start_timeout_s(),
+                                   report_channel=report_channel())
         rc = spec.run_config
         store = RunStore(rc.storage_path, rc.name, rc.storage_filesystem)
         with owned(store, backend=self.name) as lease:  # this driver's run, or RunOwnedError at once

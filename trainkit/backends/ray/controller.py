@@ -18,6 +18,7 @@ workers with the controller (Ray owner semantics), so no worker outlives its dri
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import traceback
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from trainkit import events as ev
 from trainkit.backends import api
 from trainkit.backends import barrier as br
 from trainkit.backends.decide import Abort, Fail, Finish, Probe, Resize, StopAfterCommit, decide, decide_at_commit
+from trainkit.backends.ray.channel import ChannelServer
 from trainkit.backends.ray.state import Attempt, Run
 from trainkit.backends.ray.supervisor import end_with_mismatch, supervise
 from trainkit.backends.ray.worker_group import (Group, NotPlaced, WorkerPool, discard, grow, keep_spares,
@@ -37,6 +39,8 @@ from trainkit.diagnostics.stragglers import StragglerWatch, step_times
 from trainkit.errors import ControllerError, ReportError, TrainingFailedError, WorkerFailure
 from trainkit.ledger import RunLedger
 
+logger = logging.getLogger("trainkit.controller")
+
 START_RETRIES = 3  # group starts that may fail because a worker died meanwhile, per attempt
 
 
@@ -44,6 +48,23 @@ class Controller:
     def __init__(self):
         self.runs: dict[str, Run] = {}
         self.pool = WorkerPool()
+        self._channel: Optional[ChannelServer] = None  # the report channel, started at the first run that uses it
+
+    async def _channel_address(self) -> Optional[tuple]:
+        """The report channel's address, started on this node's IP once; None if it cannot start
+        (the ranks then make their rounds as actor calls)."""
+        if self._channel is None:
+            server = ChannelServer(self._serve_round)
+            try:
+                await server.start(ray.util.get_node_ip_address())
+            except OSError as e:
+                logger.warning("the report channel could not start (%s); report() uses actor calls", e)
+                return None
+            self._channel = server
+        return self._channel.address
+
+    async def _serve_round(self, method: str, args: tuple):
+        return await getattr(self, method)(*args)
 
     async def ping(self) -> bool:
         return True
@@ -52,6 +73,8 @@ class Controller:
         """``lease``: the driver's lease on the run folder (a copy that checks, for the ledger)."""
         run = self.runs[run_id] = Run(run_id, spec, fn_bytes)
         try:
+            if spec.report_channel == "tcp":
+                run.channel = await self._channel_address()
             return ("ok", await self._loop(run, lease))
         except TrainingFailedError as e:
             # Errors raised before an attempt ends (resources that can never fit, placement
@@ -329,6 +352,8 @@ class Controller:
 
     async def shutdown(self) -> None:
         self.pool.shutdown()
+        if self._channel is not None:
+            self._channel.close()
 
 
 ControllerActor = ray.remote(num_cpus=0, max_restarts=0)(Controller)

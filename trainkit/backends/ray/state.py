@@ -68,6 +68,7 @@ class Run:
         self.capacity = Capacity(spec.scaling_config)
         self.carry: Optional[Group] = None  # a repaired group for the next attempt
         self.aborted = False
+        self.channel: Optional[tuple] = None  # the controller's report channel address (None: actor calls)
         self.waiting = False  # its next group waits for resources that other fits of this driver hold
         self.progress: dict = {"index": 0, "metrics": None, "world_size": 0, "attempt": 0, "status": "starting"}
         if spec.run_config.spare_workers:

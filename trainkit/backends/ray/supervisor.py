@@ -47,7 +47,8 @@ async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outc
                 **{k: gi[k] for k in ("local_rank", "local_world_size", "node_rank", "node_id")}}
         log_path = f"logs/attempt-{attempt.number}/rank-{r}.log"  # relative to the run folder
         ref = group.workers[b].run.remote(run.fn_bytes, spec.takes_config, spec.train_loop_config, info,
-                                          run.store, controller, run.run_id, start, spec.datasets, hooks, log_path)
+                                          run.store, controller, run.run_id, start, spec.datasets, hooks, log_path,
+                                          run.channel)
         tasks[asyncio.ensure_future(resolve(ref))] = r
     monitor = hang_monitor.start(run, attempt)  # None unless HangConfig.timeout_s is set
     failures: list[WorkerFailure] = []

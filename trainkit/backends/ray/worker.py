@@ -22,6 +22,7 @@ from typing import Any, Optional
 import ray
 
 from trainkit.backends import api
+from trainkit.backends.ray.channel import ChannelClient, ChannelUnavailable
 from trainkit.diagnostics import debug as _debug
 from trainkit.diagnostics.memory import MemoryWatch
 from trainkit.errors import ReportError
@@ -33,15 +34,31 @@ class _Interrupted(BaseException):
 
 
 class RayCoordinator:
-    """A rank's side of the report barrier: one call to the controller per round."""
+    """A rank's side of the report barrier: one call to the controller per round, over the
+    controller's report channel (``channel``: its address) or as an actor call."""
 
-    def __init__(self, controller, run_id: str, attempt: int):
+    def __init__(self, controller, run_id: str, attempt: int, channel: Optional[tuple] = None):
         self.controller = controller
         self.run_id = run_id
         self.attempt = attempt
+        self._channel = ChannelClient(channel) if channel else None
 
     def _call(self, method: str, *args):
         return self._reply(*ray.get(getattr(self.controller, method).remote(self.run_id, self.attempt, *args)))
+
+    def _round(self, method: str, *args) -> tuple:
+        """``(status, value)`` of the rank's arrival at a round (report or collective)."""
+        if self._channel is not None:
+            try:
+                return self._channel.call(method, self.run_id, self.attempt, *args)
+            except ChannelUnavailable as e:  # nothing was sent: the actor call counts it once
+                print(f"trainkit: {e}; using actor calls for this run", file=sys.stderr)  # in the rank log
+                self._channel = None
+        return ray.get(getattr(self.controller, method).remote(self.run_id, self.attempt, *args))
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
 
     @staticmethod
     def _reply(status: str, value):
@@ -52,15 +69,14 @@ class RayCoordinator:
         return value
 
     def report(self, world_rank, index, metrics, checkpoint_dir, files) -> ReportReply:
-        status, value = ray.get(self.controller.report.remote(self.run_id, self.attempt, world_rank, index, metrics,
-                                                              checkpoint_dir, files))
+        status, value = self._round("report", world_rank, index, metrics, checkpoint_dir, files)
         if status == "committed_then_stop":  # committed: the rank completes its report, then stops
             checkpoint, why = value
             return ReportReply(checkpoint, then_raise=_Interrupted(why))
         return ReportReply(self._reply(status, value))
 
     def collective(self, world_rank, op, seq, payload):
-        return self._call("collective", world_rank, op, seq, payload)
+        return self._reply(*self._round("collective", world_rank, op, seq, payload))
 
     def reported_checkpoints(self):
         return self._call("reported_checkpoints")
@@ -187,8 +203,10 @@ class RankWorker:
                                 timeout=datetime.timedelta(seconds=timeout_s))
 
     def run(self, fn_bytes: bytes, takes_config: bool, config: Any, info: dict, store, controller,
-            run_id: str, start: dict, datasets: dict, hooks: list, log_path: Optional[str]) -> dict:
-        """Run the training function on this rank; return {"ok": value} or {"failure": {...}}."""
+            run_id: str, start: dict, datasets: dict, hooks: list, log_path: Optional[str],
+            channel: Optional[tuple] = None) -> dict:
+        """Run the training function on this rank; return {"ok": value} or {"failure": {...}}.
+        ``channel``: the controller's report channel address (None: rounds are actor calls)."""
         from trainkit._serialize import loads_train_fn
 
         self._preempted.clear()
@@ -198,7 +216,8 @@ class RankWorker:
             from trainkit.checkpoint import Checkpoint
 
             ckpt = Checkpoint(store.path(start["dir"]), store.fs)
-        session = Session(rank_info, store, RayCoordinator(controller, run_id, rank_info.attempt),
+        coordinator = RayCoordinator(controller, run_id, rank_info.attempt, channel)
+        session = Session(rank_info, store, coordinator,
                            experiment_name=store.name, start_checkpoint=ckpt, start_index=start.get("index", 0),
                            datasets=datasets, hooks=hooks, preempted=self._preempted)
         log = None
@@ -241,6 +260,7 @@ class RankWorker:
             return {"ok": False, "index": session.index, "failure": failure}
         finally:
             installed.close()
+            coordinator.close()
             self._session = None
             self._run_ref = None
             self._thread_ident = None
