@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--grace-s", type=float, default=2.0, help="preemption notice grace (default 2)")
     p.add_argument("--return-s", type=float, default=4.0, help="a removed node comes back after this (default 4)")
     p.add_argument("--json", metavar="OUT", help="write the figures as JSON to OUT ('-': stdout)")
+    p.add_argument("--events-out", metavar="FILE", help="copy the run's events.jsonl to FILE (for a closer look)")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.every_s < 5 or args.return_s < 0 or args.grace_s < 0:
         p.error("--minutes must be > 0, --every-s >= 5, --grace-s and --return-s >= 0")
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
             open(os.path.join(work, "stop"), "w").close()
             t.join(180)
             events = _events(run_path)
+            if args.events_out:
+                shutil.copyfile(os.path.join(run_path, "events.jsonl"), args.events_out)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if "error" in out or "result" not in out:

@@ -62,6 +62,7 @@ class Outcome:
     returned: frozenset = frozenset()  # world ranks whose process returned (reusable)
     preempted: frozenset = frozenset()  # world ranks with a preemption notice
     elastic: bool = False
+    min_workers: int = 1  # an elastic group's floor
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class Restart:
     kind: str  # "failure" | "preemption" | "hang": how the failure is recorded
     keep: frozenset = field(default_factory=frozenset)  # world ranks whose processes the next group reuses
     wait_for_preempted: bool = False  # let noticed nodes leave before placing the next group
+    # an elastic group re-forms at once without its noticed ranks; their slots start new workers in the
+    # background once the noticed nodes have left (the group grows back with them)
+    regrow_after_preempted: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ def decide(outcome: Outcome, budget: Budget, failure_config) -> tuple[Action, Bu
         # a noticed rank is going away (its node with it): a fixed-size group is placed anew; an
         # elastic one re-forms without it, keeping the others
         keep = frozenset(r for r in outcome.returned if r not in outcome.preempted)
+    if preemption and outcome.elastic and len(keep) >= outcome.min_workers:
+        return Restart(kind, keep=keep, regrow_after_preempted=True), budget
     return Restart(kind, keep=keep, wait_for_preempted=preemption), budget
 
 

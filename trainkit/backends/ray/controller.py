@@ -142,8 +142,10 @@ class Controller:
             if action.wait_for_preempted:  # first: what replaces a noticed rank must not land on its node
                 await run.capacity.wait_nodes_gone(dict(attempt.preempted.values()))
             if action.keep:  # keep the ranks that returned; replace only the dead or stuck ones (a spare, or one start)
+                noticed = dict(attempt.preempted.values())
+                after = (lambda: run.capacity.wait_nodes_gone(noticed)) if action.regrow_after_preempted else None
                 run.carry = await repair(run, group, {group.ranks[r] for r in action.keep},
-                                         self._spare_events(run), attempt.number)
+                                         self._spare_events(run), attempt.number, regrow_after=after)
             else:
                 await discard(run, group)
             ledger.emit(ev.GroupRestarted(attempt=attempt.number + 1, reason=failures[0].headline(),

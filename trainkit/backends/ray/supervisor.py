@@ -80,7 +80,8 @@ async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outc
             break  # every other rank waits in the barrier: nothing more can come from them
     hang_monitor.stop(monitor)
     seen = dict(returned=frozenset(attempt.returned), preempted=frozenset(attempt.preempted),
-                elastic=spec.scaling_config.elastic, aborted=run.aborted, hang_error=attempt.hang_error)
+                elastic=spec.scaling_config.elastic, min_workers=spec.scaling_config.min_workers,
+                aborted=run.aborted, hang_error=attempt.hang_error)
     if not failures and len(attempt.finished) == attempt.world_size:
         return Outcome(value=attempt.finished.get(0, {}).get("value"), **seen)
     closed = attempt.barrier.close(("stop", "the attempt ended"))
@@ -105,7 +106,7 @@ async def supervise(run: Run, attempt: Attempt, hooks: list, controller) -> Outc
     for t in pending:
         t.cancel()
     failures = failures or [WorkerFailure(world_rank=-1, kind="interrupted", message="attempt interrupted")]
-    await _tell_oom(failures)
+    await _tell_oom(failures, attempt)
     return Outcome(failures=tuple(root_cause_first(failures)), **seen)
 
 
@@ -143,7 +144,7 @@ def end_with_mismatch(attempt: Attempt, rank: int, err: ReportError) -> None:
     attempt.end([attempt.failure(rank, kind="mismatch", exc_type="ReportError", message=str(err))])
 
 
-async def _tell_oom(failures: list) -> None:
+async def _tell_oom(failures: list, attempt: Attempt) -> None:
     """A dead rank whose node shows it died for memory becomes ``kind="oom"``, with its samples."""
     deaths = [f for f in failures if f.kind == "died" and f.pid]
     if not deaths:
@@ -154,7 +155,8 @@ async def _tell_oom(failures: list) -> None:
             continue
         try:
             verdict = await stacks.on_node(f.node_id, memory.oom_verdict, int(f.pid), f.message,
-                                           timeout_s=OOM_CHECK_S)
+                                           timeout_s=OOM_CHECK_S,
+                                           host=(attempt.group.info(f.world_rank) or {}).get("host"))
         except (asyncio.TimeoutError, RayError) as e:
             logger.debug("no OOM verdict for rank %s: %s", f.world_rank, e)
             continue

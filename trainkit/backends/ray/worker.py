@@ -146,19 +146,29 @@ class RankWorker:
         import torch  # noqa: F401 - warm the import before the first run
 
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        from trainkit.diagnostics.stacks import host_id
 
-    def warm(self, controller, fn_bytes: bytes) -> None:
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "host": host_id()}
+
+    def warm(self, controller, fn_bytes: bytes, modules: tuple = ()) -> None:
         """A hot spare's rehearsal of what its first ``run()`` does first, so that a rank it replaces
-        starts at once: the imports, unpickling the training function, a call to the controller."""
+        starts at once: the imports (trainkit's, and ``modules``: what a running rank of the group
+        imported, such as the training function's own imports), unpickling the training function,
+        a call to the controller."""
         import torch.distributed  # noqa: F401
 
         from trainkit._serialize import loads_train_fn
         from trainkit.checkpoint import Checkpoint  # noqa: F401
 
+        _import_all(modules)
         loads_train_fn(fn_bytes)
         ray.get(controller.ping.remote())
+
+    def modules(self) -> list:
+        """The modules this process imported from files, parents first (for a spare's ``warm``)."""
+        return sorted(name for name, m in list(sys.modules.items())
+                      if not name.startswith("__") and isinstance(getattr(m, "__file__", None), str))
 
     def ping(self) -> int:
         """This process's pid; an error once it had a preemption notice (it is going away, never reuse it)."""
@@ -280,6 +290,23 @@ class RankWorker:
                 if dist.is_initialized():
                     dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken group is torn down with the process anyway
+                pass
+
+
+def _import_all(names) -> None:
+    """Import each of ``names`` not imported yet, quietly; one that fails is left out (it imported
+    in another rank's process, in its own order; the training function imports it again if it needs it)."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            if name in sys.modules:
+                continue
+            try:
+                importlib.import_module(name)
+            except (Exception, SystemExit):  # noqa: BLE001
                 pass
 
 

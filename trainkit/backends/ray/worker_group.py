@@ -34,6 +34,7 @@ INIT_PROCESS_GROUP_S = 120.0
 PING_S = 5.0  # a warm worker that does not answer this fast is dropped
 SPARE_PING_S = 1.0  # a spare that does not answer this fast is not used
 SPARE_NOTICE_S = 5.0  # a spare not started by then is said to be waiting for room (an event)
+WARM_S = 10.0  # a spare's rehearsal (its imports) that takes longer is left to finish on its own
 
 
 class NotPlaced(Exception):
@@ -293,13 +294,15 @@ async def _start_workers(run, pg, size: int, key: tuple, env) -> Group:
     return Group(key, pg, workers, list(infos))
 
 
-async def repair(run, group: Group, reusable: set, on_event=None, attempt: int = 0) -> Optional[Group]:
+async def repair(run, group: Group, reusable: set, on_event=None, attempt: int = 0,
+                 regrow_after=None) -> Optional[Group]:
     """Replace the ranks' workers outside ``reusable`` (worker indices), in place: by a ready hot
     spare where there is one (its old slot is refilled with a new spare in the background), else
     by a fresh worker in the same slot (one worker start, awaited); an elastic group above
     ``min_workers`` re-forms without it instead, its slot starting a worker in the background that
     the group grows with (``decide.plan_repair``). None (and the group gone)
-    when that cannot be done. ``on_event``: receives the spare events (``attempt``: the one that failed)."""
+    when that cannot be done. ``on_event``: receives the spare events (``attempt``: the one that failed).
+    ``regrow_after``: a coroutine function the background starts wait for first (``start_spare``)."""
     import ray
 
     from trainkit import events as ev
@@ -338,7 +341,7 @@ async def repair(run, group: Group, reusable: set, on_event=None, attempt: int =
     # (a torch import) beside the group's restart would slow it down on a small machine
     group.refill.extend(swapped)
     for b in regrow:  # at once, with no deadline: their bundles come back with the capacity
-        start_spare(run, group, b, regrow=True)
+        start_spare(run, group, b, regrow=True, not_before=regrow_after)
     group.key = (len(group.active),) + tuple(group.key[1:])
     if not fresh:
         return group
@@ -409,11 +412,13 @@ def keep_spares(run, group: Group, on_event=None) -> None:
         start_spare(run, group, len(group.slots) - 1)
 
 
-def start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
+def start_spare(run, group: Group, i: int, regrow: bool = False, not_before=None) -> None:
     """Start a spare worker in slot ``i`` of ``group`` in the background (its events: ``group.tell``).
     ``regrow``: the slot of a rank an elastic group re-formed without; it waits for room with no
-    deadline (its bundle comes back with the capacity), and the group grows with it."""
-    task = asyncio.ensure_future(_start_spare(run, group, i, regrow))
+    deadline (its bundle comes back with the capacity), and the group grows with it.
+    ``not_before``: a coroutine function awaited before the worker is made (the noticed nodes of a
+    preemption leaving, so that the slot's bundle is placed elsewhere)."""
+    task = asyncio.ensure_future(_start_spare(run, group, i, regrow, not_before))
     group.pending[i] = task
 
     def done(t, i=i):
@@ -425,7 +430,7 @@ def start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
     task.add_done_callback(done)
 
 
-async def _start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
+async def _start_spare(run, group: Group, i: int, regrow: bool = False, not_before=None) -> None:
     import ray
     from ray.util.placement_group import remove_placement_group
 
@@ -434,6 +439,8 @@ async def _start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
     emit = group.tell  # the run holding the group when the event happens
     want = run.spec.run_config.spare_workers
     pg, bundle = group.slots[i]
+    if not_before is not None:
+        await not_before()
     t0 = time.monotonic()
     w = group.workers[i] = make_worker(pg, bundle, group.per_worker, run.spec.run_config.worker_runtime_env)
     setup = asyncio.ensure_future(_awaited(w.setup.remote()))
@@ -471,14 +478,30 @@ async def _start_spare(run, group: Group, i: int, regrow: bool = False) -> None:
                               reason=why, gave_up=True, regrow=regrow))
         return
     try:  # best effort: a spare that cannot rehearse is still a spare
-        await asyncio.wait_for(_awaited(w.warm.remote(ray.get_runtime_context().current_actor, run.fn_bytes)),
-                               SPARE_NOTICE_S)
+        modules = await _running_imports(group)
+        await asyncio.wait_for(_awaited(w.warm.remote(ray.get_runtime_context().current_actor, run.fn_bytes,
+                                                      modules)), WARM_S)
     except (ray.exceptions.RayError, asyncio.TimeoutError, RuntimeError) as e:
         logger.debug("run %s: a spare's warm-up failed: %r", run.run_id, e)
     group.infos[i] = info
     group.spares.append(i)
     emit(ev.SpareReady(node_id=info.get("node_id", ""), pid=info.get("pid"), ready=len(group.spares),
                        wanted=want, start_s=round(time.monotonic() - t0, 3), regrow=regrow))
+
+
+async def _running_imports(group: Group) -> list:
+    """The modules a running rank of ``group`` imported (a spare imports them before it joins, so
+    that its first run does not make the group wait for them: 1.3 s for scikit-learn here); [] when
+    no rank answers within ``SPARE_PING_S``."""
+    for b in group.active:
+        w = group.workers[b]
+        if w is None:
+            continue
+        try:
+            return await asyncio.wait_for(_awaited(w.modules.remote()), SPARE_PING_S)
+        except Exception:  # noqa: BLE001 - a dead or busy rank: try the next
+            continue
+    return []
 
 
 async def discard(run, group: Group) -> None:
