@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import ray
 
 import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
@@ -139,3 +140,41 @@ def test_preempted_rank_saves_a_checkpoint_in_its_grace_period_and_the_run_resum
     saves = [e for e in events if e["type"] == "report_committed" and e["metrics"].get("preempt_save") is False]
     attempt2 = [e for e in events if e["type"] == "attempt_started" and e["attempt"] == 2][0]
     assert attempt2["start_index"] >= 3 and saves
+
+
+def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once_the_node_left(cluster, tmp_path):
+    """A 600 s notice: the survivors re-form without the noticed rank at once (they never wait for its
+    node to go), and its slot starts a new worker only once that node has left."""
+    c, nodes = cluster
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    run_path = os.path.join(str(tmp_path / "runs"), "notice")
+    rc = RunConfig(name="notice", storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=0),
+                   worker_runtime_env={"env_vars": {"TRAINKIT_PREEMPTION_GRACE_S": "600"}})
+    t, out = _fit_in_thread({"dir": work}, ScalingConfig(num_workers=(1, 3)), rc)
+    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "3 workers")
+    ranks = [e for e in _events(run_path) if e["type"] == "attempt_started"][-1]["ranks"]
+    victim = next(r for r in ranks if r["world_rank"] == 2)
+    os.kill(victim["pid"], signal.SIGTERM)
+    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 2, 60, "the group to go on with 2 (not waiting 600 s)")
+    node = next(n for n in nodes if n.node_id == victim["node_id"])
+    assert victim["node_id"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # the noticed node is still there
+    events = _events(run_path)
+    assert not [e for e in events if e["type"] == "spare_ready" and e.get("regrow")], \
+        "the noticed rank's slot started a worker while its node was still there"
+    nodes.remove(node)
+    c.remove_node(node)
+    nodes.append(c.add_node(num_cpus=1))
+    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "the group to grow back to 3")
+    open(os.path.join(work, "stop"), "w").close()
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    events = _events(run_path)
+    (notice,) = [e for e in events if e["type"] == "preempted"]
+    assert notice["grace_s"] == 600 and notice["world_ranks"] == [2]
+    resizes = [(e["old_world_size"], e["new_world_size"]) for e in events if e["type"] == "resized"]
+    assert (3, 2) in resizes and resizes[-1] == (2, 3)
+    started = [e for e in events if e["type"] == "attempt_started"]
+    assert started[-1]["ranks"][0]["pid"] == ranks[0]["pid"]  # rank 0 kept its process throughout
+    steps = list(out["result"].metrics_dataframe["step"])
+    assert steps == list(range(1, len(steps) + 1))

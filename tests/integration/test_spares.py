@@ -49,8 +49,18 @@ def _wait_for_event(events_path: str, kind: str, timeout_s: float) -> None:
 
 
 def _steps_fn(config):
-    """Checkpointed steps; on attempt 1, once a spare is ready, rank 1 SIGKILLs itself after report k."""
+    """Checkpointed steps; on attempt 1, once a spare is ready, rank 1 SIGKILLs itself after report k.
+    Each rank first says whether ``tabnanny`` (which only this function imports) was imported
+    before it ran: the spare imports what a running rank imported before it joins."""
+    import sys
+
     ctx = trainkit.get_context()
+    had = "tabnanny" in sys.modules
+    import tabnanny  # noqa: F401
+
+    if config.get("imports"):
+        with open(os.path.join(config["imports"], f"a{ctx.get_attempt()}-r{ctx.get_world_rank()}"), "w") as f:
+            json.dump(had, f)
     ck = trainkit.get_checkpoint()
     step = json.load(open(os.path.join(ck.path, "step.json"))) if ck else 0
     start = step
@@ -67,11 +77,14 @@ def _steps_fn(config):
     return {"start": start, "pid": os.getpid()}
 
 
-def test_a_hot_spare_replaces_a_sigkilled_rank_and_the_run_ends_with_every_step_and_checkpoint(storage_path):
+def test_a_hot_spare_replaces_a_sigkilled_rank_and_the_run_ends_with_every_step_and_checkpoint(storage_path, tmp_path):
     k, steps = 2, 5
     run_path = os.path.join(storage_path, "spare")
+    imports = tmp_path / "imports"
+    imports.mkdir()
     result = TorchTrainer(
-        _steps_fn, train_loop_config={"steps": steps, "kill_after": k, "events": os.path.join(run_path, "events.jsonl")},
+        _steps_fn, train_loop_config={"steps": steps, "kill_after": k, "events": os.path.join(run_path, "events.jsonl"),
+                                      "imports": str(imports)},
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="spare", storage_path=storage_path, spare_workers=1,
                              failure_config=FailureConfig(max_failures=1))).fit()
@@ -100,6 +113,9 @@ def test_a_hot_spare_replaces_a_sigkilled_rank_and_the_run_ends_with_every_step_
     assert order.index("spare_used") < order.index("group_restarted") < order.index("attempt_started",
                                                                                    order.index("spare_used"))
     assert all(e["wanted"] == 1 for e in ready)
+    # the spare had the function's own import before it ran as rank 1 (a rank started fresh had not)
+    had = {name: json.load(open(imports / name)) for name in os.listdir(imports)}
+    assert had["a2-r1"] is True and had["a1-r1"] is False, had
 
 
 def _wait_unplaced_fn(config):
