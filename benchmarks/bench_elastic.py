@@ -72,13 +72,9 @@ def _progress(d: str) -> list:
 
 
 def _wait(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    from trainkit_testing.waiting import wait_for
+
+    return wait_for(pred, timeout_s, what, interval_s=0.01, error=RuntimeError)
 
 
 def _first_at(d: str, world_size: int, after: float):

@@ -20,9 +20,10 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 import uuid
 from typing import Any, Callable, Iterator, Optional
+
+from trainkit_testing.waiting import wait_for as _poll
 
 NODES = 2  # virtual nodes of the private Ray (the layout and elastic cases need more than one)
 CPUS_PER_NODE = 2  # logical CPUs per virtual node; the head has none (the driver and controllers run there)
@@ -359,15 +360,8 @@ def checkpoint_files(ckpt) -> dict:
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll ``predicate`` until truthy; raise naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
+    """Poll ``predicate`` until truthy; raise ``TimeoutError`` naming ``what`` at the deadline."""
+    return _poll(predicate, timeout_s, what, interval_s=0.02, error=TimeoutError)
 
 
 def resume_step() -> int:

@@ -9,8 +9,8 @@ cluster must never see. Real Ray, real gloo process groups.
 
 from __future__ import annotations
 
-import json
 import os
+import pathlib
 import tempfile
 import threading
 import time
@@ -19,8 +19,10 @@ import pytest
 
 import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from trainkit import events as ev
 from trainkit.torch import TorchTrainer
 from trainkit_testing.cluster import Cluster
+from trainkit_testing.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -31,23 +33,12 @@ def cluster():
         yield c.ray_cluster, c.virtual_nodes
 
 
-def _events(run_path: str) -> list[dict]:
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _events(run_path: str) -> list[ev.Event]:
+    return ev.parse_events(pathlib.Path(run_path, "events.jsonl").read_bytes()).events
 
 
-def _of_type(events, kind):
-    return [e for e in events if e["type"] == kind]
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+def _of_type(events: list[ev.Event], kind: type[ev.Event]) -> list:
+    return [e for e in events if isinstance(e, kind)]
 
 
 def _loop(config):
@@ -105,37 +96,37 @@ def test_a_node_loss_shrinks_the_group_in_place_and_a_returned_node_grows_it_bac
 
     t = threading.Thread(target=go, daemon=True)
     t.start()
-    _wait_for(lambda: _world_size(work) == 3, 120, "3 workers")
-    ranks = _of_type(_events(run_path), "attempt_started")[-1]["ranks"]
+    wait_for(lambda: _world_size(work) == 3, 120, "3 workers")
+    ranks = _of_type(_events(run_path), ev.AttemptStarted)[-1].ranks
     rank0 = next(r for r in ranks if r["world_rank"] == 0)
     victim = next(r for r in ranks if r["node_id"] != rank0["node_id"])
     survivors = {r["pid"] for r in ranks if r["node_id"] != victim["node_id"]}
     node = next(n for n in nodes if n.node_id == victim["node_id"])
     c.remove_node(node)
-    _wait_for(lambda: _world_size(work) == 2, 60, "the group to shrink to 2")
+    wait_for(lambda: _world_size(work) == 2, 60, "the group to shrink to 2")
     nodes[nodes.index(node)] = c.add_node(num_cpus=1)
-    _wait_for(lambda: _world_size(work) == 3, 90, "the group to grow back to 3")
+    wait_for(lambda: _world_size(work) == 3, 90, "the group to grow back to 3")
     open(os.path.join(work, "stop"), "w").close()
     t.join(90)
     assert "error" not in out, out.get("error")
     result = out["result"]
 
     events = _events(run_path)
-    attempts = _of_type(events, "attempt_started")
-    pids = [{r["pid"] for r in a["ranks"]} for a in attempts]
-    sizes = [a["world_size"] for a in attempts]
+    attempts = _of_type(events, ev.AttemptStarted)
+    pids = [{r["pid"] for r in a.ranks} for a in attempts]
+    sizes = [a.world_size for a in attempts]
     assert sizes == [3, 2, 3], sizes
     assert pids[1] == survivors  # shrunk: exactly the survivors, the same processes
     assert survivors < pids[2] and victim["pid"] not in pids[2]  # grown: the survivors plus one new process
-    resizes = [(e["old_world_size"], e["new_world_size"], e["reason"]) for e in _of_type(events, "resized")]
+    resizes = [(e.old_world_size, e.new_world_size, e.reason) for e in _of_type(events, ev.Resized)]
     assert resizes == [(3, 2, "shrink"), (2, 3, "grow")]
     # the new worker was started in the background while the group of 2 ran, and joined once ready
-    (joined,) = [e for e in _of_type(events, "spare_ready") if e["regrow"]]
-    assert joined["pid"] in pids[2] and attempts[1]["time"] < joined["time"] < attempts[2]["time"]
+    (joined,) = [e for e in _of_type(events, ev.SpareReady) if e.regrow]
+    assert joined.pid in pids[2] and attempts[1].time < joined.time < attempts[2].time
     # every committed report is in the history exactly once, and the restarts resumed from the latest one
     steps = list(result.metrics_dataframe["step"])
     assert steps == list(range(1, len(steps) + 1))
-    commits = _of_type(events, "report_committed")
+    commits = _of_type(events, ev.ReportCommitted)
     for a in attempts[1:]:
-        before = [e["index"] for e in commits if e["time"] < a["time"]]
-        assert a["start_index"] == max(before)
+        before = [e.index for e in commits if e.time < a.time]
+        assert a.start_index == max(before)

@@ -7,8 +7,8 @@ tests remove and add nodes, which the session's shared cluster must never see.
 
 from __future__ import annotations
 
-import json
 import os
+import pathlib
 import signal
 import tempfile
 import threading
@@ -19,8 +19,10 @@ import ray
 
 import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from trainkit import events as ev
 from trainkit.torch import TorchTrainer
 from trainkit_testing.cluster import Cluster
+from trainkit_testing.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +34,8 @@ def cluster():
         yield c.ray_cluster, c.virtual_nodes
 
 
-def _events(run_path: str) -> list[dict]:
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+def _events(run_path: str) -> list[ev.Event]:
+    return ev.parse_events(pathlib.Path(run_path, "events.jsonl").read_bytes()).events
 
 
 def _stepping_loop(config):
@@ -101,17 +92,17 @@ def test_elastic_group_shrinks_on_node_loss_and_grows_back_when_a_node_returns(c
     os.makedirs(work)
     rc = RunConfig(name="elastic", storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=2))
     t, out = _fit_in_thread({"dir": work}, ScalingConfig(num_workers=(1, 3)), rc)
-    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "3 workers")
+    wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "3 workers")
     c.remove_node(nodes[2])
-    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 2, 60, "the group to shrink to 2")
+    wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 2, 60, "the group to shrink to 2")
     nodes[2] = c.add_node(num_cpus=1)
-    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 60, "the group to grow back to 3")
+    wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 60, "the group to grow back to 3")
     open(os.path.join(work, "stop"), "w").close()
     t.join(60)
     assert "error" not in out, out.get("error")
     result = out["result"]
     events = _events(result.path)
-    resizes = [(e["old_world_size"], e["new_world_size"]) for e in events if e["type"] == "resized"]
+    resizes = [(e.old_world_size, e.new_world_size) for e in events if isinstance(e, ev.Resized)]
     assert (3, 2) in resizes and resizes[-1][1] == 3
     # every report index of the final lineage is present exactly once
     steps = list(result.metrics_dataframe["step"])
@@ -124,22 +115,22 @@ def test_preempted_rank_saves_a_checkpoint_in_its_grace_period_and_the_run_resum
     rc = RunConfig(name="preempt", storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=0))
     t, out = _fit_in_thread({"dir": work, "step_s": 0.1}, ScalingConfig(num_workers=2), rc)
     run_path = os.path.join(str(tmp_path / "runs"), "preempt")
-    _wait_for(lambda: (_last_progress(work) or (0,))[0] >= 3, 90, "3 steps")
-    started = [e for e in _events(run_path) if e["type"] == "attempt_started" and e["ranks"]]
-    victim = next(r for r in started[-1]["ranks"] if r["world_rank"] == 1)
+    wait_for(lambda: (_last_progress(work) or (0,))[0] >= 3, 90, "3 steps")
+    started = [e for e in _events(run_path) if isinstance(e, ev.AttemptStarted) and e.ranks]
+    victim = next(r for r in started[-1].ranks if r["world_rank"] == 1)
     os.kill(victim["pid"], signal.SIGTERM)  # the notice; the controller stops the group after the next commit
-    _wait_for(lambda: (_last_progress(work) or (0, 0, 1))[2] >= 2, 60, "the restarted attempt")
+    wait_for(lambda: (_last_progress(work) or (0, 0, 1))[2] >= 2, 60, "the restarted attempt")
     open(os.path.join(work, "stop"), "w").close()
     t.join(60)
     assert "error" not in out, out.get("error")  # max_failures=0: a preemption is not a failure
     events = _events(run_path)
-    assert any(e["type"] == "preempted" and 1 in e["world_ranks"] for e in events)
-    failed = [e for e in events if e["type"] == "worker_failed"]
-    assert failed and all(e["kind"] == "preemption" and e["will_retry"] for e in failed)
+    assert any(isinstance(e, ev.Preempted) and 1 in e.world_ranks for e in events)
+    failed = [e for e in events if isinstance(e, ev.WorkerFailed)]
+    assert failed and all(e.kind == "preemption" and e.will_retry for e in failed)
     # the rank saw the notice and the checkpoint of that report is where attempt 2 started
-    saves = [e for e in events if e["type"] == "report_committed" and e["metrics"].get("preempt_save") is False]
-    attempt2 = [e for e in events if e["type"] == "attempt_started" and e["attempt"] == 2][0]
-    assert attempt2["start_index"] >= 3 and saves
+    saves = [e for e in events if isinstance(e, ev.ReportCommitted) and e.metrics.get("preempt_save") is False]
+    attempt2 = [e for e in events if isinstance(e, ev.AttemptStarted) and e.attempt == 2][0]
+    assert attempt2.start_index >= 3 and saves
 
 
 def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once_the_node_left(cluster, tmp_path):
@@ -152,29 +143,29 @@ def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once
     rc = RunConfig(name="notice", storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=0),
                    worker_runtime_env={"env_vars": {"TRAINKIT_PREEMPTION_GRACE_S": "600"}})
     t, out = _fit_in_thread({"dir": work}, ScalingConfig(num_workers=(1, 3)), rc)
-    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "3 workers")
-    ranks = [e for e in _events(run_path) if e["type"] == "attempt_started"][-1]["ranks"]
+    wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "3 workers")
+    ranks = [e for e in _events(run_path) if isinstance(e, ev.AttemptStarted)][-1].ranks
     victim = next(r for r in ranks if r["world_rank"] == 2)
     os.kill(victim["pid"], signal.SIGTERM)
-    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 2, 60, "the group to go on with 2 (not waiting 600 s)")
+    wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 2, 60, "the group to go on with 2 (not waiting 600 s)")
     node = next(n for n in nodes if n.node_id == victim["node_id"])
     assert victim["node_id"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # the noticed node is still there
     events = _events(run_path)
-    assert not [e for e in events if e["type"] == "spare_ready" and e.get("regrow")], \
+    assert not [e for e in events if isinstance(e, ev.SpareReady) and e.regrow], \
         "the noticed rank's slot started a worker while its node was still there"
     nodes.remove(node)
     c.remove_node(node)
     nodes.append(c.add_node(num_cpus=1))
-    _wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "the group to grow back to 3")
+    wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "the group to grow back to 3")
     open(os.path.join(work, "stop"), "w").close()
     t.join(60)
     assert "error" not in out, out.get("error")
     events = _events(run_path)
-    (notice,) = [e for e in events if e["type"] == "preempted"]
-    assert notice["grace_s"] == 600 and notice["world_ranks"] == [2]
-    resizes = [(e["old_world_size"], e["new_world_size"]) for e in events if e["type"] == "resized"]
+    (notice,) = [e for e in events if isinstance(e, ev.Preempted)]
+    assert notice.grace_s == 600 and notice.world_ranks == (2,)
+    resizes = [(e.old_world_size, e.new_world_size) for e in events if isinstance(e, ev.Resized)]
     assert (3, 2) in resizes and resizes[-1] == (2, 3)
-    started = [e for e in events if e["type"] == "attempt_started"]
-    assert started[-1]["ranks"][0]["pid"] == ranks[0]["pid"]  # rank 0 kept its process throughout
+    started = [e for e in events if isinstance(e, ev.AttemptStarted)]
+    assert started[-1].ranks[0]["pid"] == ranks[0]["pid"]  # rank 0 kept its process throughout
     steps = list(out["result"].metrics_dataframe["step"])
     assert steps == list(range(1, len(steps) + 1))

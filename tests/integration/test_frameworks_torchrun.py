@@ -1,41 +1,32 @@
 """Lightning and Transformers trainers in torchrun mode: a ``num_workers=0`` script launched by
 ``torchrun --nproc-per-node=2 --max-restarts=1`` on CPU (gloo). Each run crashes on its first
 attempt; torchrun restarts the script, whose fit (same ``name``) resumes from the last report's
-checkpoint. The run folder is read back with ``Result.from_path``.
+checkpoint. The run folder is read back with ``Result.from_path``. The models, data and crash
+callbacks are framework_models.py's (test_lightning.py and test_transformers.py use them too); the
+script finds that module through ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
+import pathlib
 import textwrap
 
 import pytest
 
+from trainkit_testing.torchrun import launch_env, run_process_group, torchrun_command
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
+HERE = pathlib.Path(__file__).resolve().parent
+
 SCRIPT = textwrap.dedent('''
-    import json, os, sys
+    import os, sys
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    import trainkit
+    import framework_models as fm  # on PYTHONPATH (tests/integration); sets Hugging Face offline first
     from trainkit import RunConfig, ScalingConfig
     from trainkit.torch import TorchTrainer
-
-
-    def mark(folder, **fields):
-        ctx = trainkit.get_context()
-        with open(os.path.join(folder, f"start-a{ctx.get_attempt()}-r{ctx.get_world_rank()}.json"), "w") as f:
-            json.dump(fields, f)
 
 
     def lightning_func(config):
@@ -43,81 +34,28 @@ SCRIPT = textwrap.dedent('''
         from trainkit.lightning import (RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback,
                                         prepare_trainer)
 
-        class Tiny(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.net = torch.nn.Linear(4, 1)
-
-            def training_step(self, batch, batch_idx):
-                x, y = batch
-                loss = torch.nn.functional.mse_loss(self.net(x), y)
-                self.log("train_loss", loss)
-                return loss
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.05)
-
-        class Crash(pl.Callback):
-            def on_train_start(self, trainer, pl_module):
-                mark(config["folder"], step=trainer.global_step, dist=torch.distributed.get_world_size())
-
-            def on_train_epoch_start(self, trainer, pl_module):
-                if trainkit.get_context().get_attempt() == 1 and trainer.current_epoch == 1:
-                    raise RuntimeError("crash at the start of epoch 1")
-
-        torch.manual_seed(0)
-        x = torch.randn(32, 4)
-        loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+        loader = fm.regression_loader(32, 8)
+        crash = fm.LightningCrashOnce(config["folder"], 1, record=("step", "dist"))
         trainer = prepare_trainer(pl.Trainer(
             max_epochs=2, devices="auto", accelerator="auto", strategy=RayDDPStrategy(),
-            plugins=[RayLightningEnvironment()], callbacks=[RayTrainReportCallback(), Crash()],
+            plugins=[RayLightningEnvironment()], callbacks=[RayTrainReportCallback(), crash],
             enable_checkpointing=False, logger=False, enable_progress_bar=False, enable_model_summary=False))
-        checkpoint = trainkit.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as d:
-                trainer.fit(Tiny(), train_dataloaders=loader,
-                            ckpt_path=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
-        else:
-            trainer.fit(Tiny(), train_dataloaders=loader)
+        fm.fit_from_last_report(trainer, loader)
 
 
     def transformers_func(config):
         import transformers
         from trainkit.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-        class Rows(torch.utils.data.Dataset):
-            def __init__(self):
-                self.ids = torch.randint(0, 32, (32, 8), generator=torch.Generator().manual_seed(0))
-
-            def __len__(self):
-                return len(self.ids)
-
-            def __getitem__(self, i):
-                return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-        class Crash(transformers.TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                mark(config["folder"], step=state.global_step, dist=torch.distributed.get_world_size())
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                if trainkit.get_context().get_attempt() == 1 and state.global_step == 2:
-                    raise RuntimeError("crash after step 2")
-
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16,
-                                                                     n_layer=1, n_head=2))
+        model = fm.tiny_gpt2()
         args = transformers.TrainingArguments(
             output_dir=config["output_dir"], max_steps=4, per_device_train_batch_size=4, logging_steps=2,
             save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Crash()])
+        crash = fm.TransformersCrashOnce(config["folder"], 2, record=("step", "dist"))
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=fm.TokenRows(32), callbacks=[crash])
         trainer.add_callback(RayTrainReportCallback())
         trainer = prepare_trainer(trainer)
-        checkpoint = trainkit.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as d:
-                trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
-        else:
-            trainer.train()
+        fm.train_from_last_report(trainer)
 
 
     def main():
@@ -133,32 +71,16 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path, which: str, timeout_s: float = 200):
     script = tmp_path / "framework_script.py"
     script.write_text(SCRIPT)
     storage, folder = tmp_path / "storage", tmp_path / "marks"
     folder.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script), which, str(storage), str(folder)]
-    # Own process group, so a timeout kills the ranks too, not only the torchrun launcher.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
-                          start_new_session=True) as popen:
-        try:
-            out, _ = popen.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.communicate()
-            raise
-    assert popen.returncode == 0, out[-4000:]
+    # the script imports framework_models from this folder
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    cmd = torchrun_command(str(script), which, str(storage), str(folder), max_restarts=1)
+    out = run_process_group(cmd, cwd=tmp_path, env=launch_env(PYTHONPATH=path), timeout_s=timeout_s)
+    assert out.returncode == 0, out.stdout[-4000:]
     from trainkit import Result
 
     return Result.from_path(str(storage / which)), folder

@@ -2,7 +2,8 @@
 
 A 2-layer LightningModule on generated data (no downloads), in local mode and on 2 Ray workers;
 each run crashes once at the start of an epoch and must resume from its last reported
-checkpoint (``checkpoint.ckpt`` in the checkpoint folder) at that checkpoint's step.
+checkpoint (``checkpoint.ckpt`` in the checkpoint folder) at that checkpoint's step. The model,
+the data and the crash callback are framework_models.py's (shared with test_frameworks_torchrun.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pytest
 pl = pytest.importorskip("lightning.pytorch")
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import trainkit  # noqa: E402
 from trainkit import ConfigError, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
@@ -23,60 +23,23 @@ from trainkit.lightning import (RayDDPStrategy, RayLightningEnvironment, RayTrai
                                 prepare_trainer)
 from trainkit.torch import TorchTrainer  # noqa: E402
 
+from framework_models import LightningCrashOnce, fit_from_last_report, regression_loader  # noqa: E402
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 ROWS, BATCH = 64, 16
 
 
-class TinyRegressor(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-class CrashOnce(pl.Callback):
-    """Records where each attempt starts; raises at the start of epoch ``crash_at`` in attempt 1."""
-
-    def __init__(self, folder, crash_at):
-        self.folder, self.crash_at = folder, crash_at
-
-    def on_train_start(self, trainer, pl_module):
-        ctx = trainkit.get_context()
-        with open(os.path.join(self.folder, f"start-a{ctx.get_attempt()}-r{ctx.get_world_rank()}.json"), "w") as f:
-            json.dump({"epoch": trainer.current_epoch, "step": trainer.global_step}, f)
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainkit.get_context().get_attempt() == 1 and trainer.current_epoch == self.crash_at:
-            raise RuntimeError(f"crash at the start of epoch {self.crash_at}")
-
-
 def train_func(config):
-    torch.manual_seed(0)
-    x = torch.randn(ROWS, 4)
-    loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=BATCH, shuffle=True)
+    loader = regression_loader(ROWS, BATCH, shuffle=True)
     report = RayTrainReportCallback(checkpoint_upload_mode=config.get("upload_mode"))
     trainer = pl.Trainer(max_epochs=config["epochs"], devices="auto", accelerator="auto",
                          strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()],
-                         callbacks=[report, CrashOnce(config["folder"], config["crash_at"])],
+                         callbacks=[report, LightningCrashOnce(config["folder"], config["crash_at"])],
                          enable_checkpointing=False, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer = prepare_trainer(trainer)
-    checkpoint = trainkit.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            trainer.fit(TinyRegressor(), train_dataloaders=loader,
-                        ckpt_path=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
-    else:
-        trainer.fit(TinyRegressor(), train_dataloaders=loader)
+    fit_from_last_report(trainer, loader)
 
 
 def _fit(tmp_path, storage_path, num_workers, epochs=3, crash_at=2, upload_mode=None):

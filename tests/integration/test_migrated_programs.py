@@ -5,16 +5,15 @@ and then run unchanged in local mode, under torchrun and on Ray workers."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import runpy
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from trainkit_testing.torchrun import launch_env, run_process_group, torchrun_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]
 
@@ -49,26 +48,12 @@ def _run_here(program: pathlib.Path, monkeypatch, **env) -> None:
     runpy.run_path(str(program), run_name="__main__")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _subprocess(cmd, cwd, timeout_s=150, **env) -> subprocess.CompletedProcess:
-    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS"):
-        full.pop(var, None)
-    full.update({k: str(v) for k, v in env.items()})
-    with subprocess.Popen(cmd, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True) as p:
-        try:
-            out, _ = p.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, _ = p.communicate()
-            raise AssertionError(f"{cmd} did not end within {timeout_s} s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, None)
+    full = launch_env(unset=("RAY_ADDRESS",), **{k: str(v) for k, v in env.items()})
+    try:
+        return run_process_group(cmd, cwd=cwd, env=full, timeout_s=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{cmd} did not end within {timeout_s} s:\n{e.output[-4000:]}")
 
 
 def _check_getting_started(out: pathlib.Path, storage: pathlib.Path) -> None:
@@ -90,8 +75,7 @@ def test_the_getting_started_program_on_two_ray_workers(migrated, tmp_path, monk
 
 
 def test_the_getting_started_program_under_torchrun(migrated, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(migrated / "getting_started.py")]
+    cmd = torchrun_command(str(migrated / "getting_started.py"))
     proc = _subprocess(cmd, tmp_path, NUM_WORKERS=0, STORAGE=tmp_path / "s", OUT=tmp_path / "o")
     assert proc.returncode == 0, proc.stdout[-4000:]
     _check_getting_started(tmp_path / "o", tmp_path / "s")
@@ -130,8 +114,7 @@ def test_the_fault_tolerance_program_resumes_in_local_mode(migrated, tmp_path, m
 
 def test_the_fault_tolerance_program_resumes_under_torchrun_restarts(migrated, tmp_path):
     # under torchrun the restart is torchrun's (--max-restarts), and the restarted fit() resumes by name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(migrated / "fault_tolerance.py")]
+    cmd = torchrun_command(str(migrated / "fault_tolerance.py"), max_restarts=1)
     proc = _subprocess(cmd, tmp_path, NUM_WORKERS=0, STORAGE=tmp_path / "s", OUT=tmp_path / "o",
                        CRASH_ONCE=tmp_path / "crashed")
     assert proc.returncode == 0, proc.stdout[-4000:]

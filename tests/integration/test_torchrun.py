@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
+
+from trainkit_testing.torchrun import launch_env, run_process_group, torchrun_command
 
 pytestmark = pytest.mark.integration
 
@@ -151,32 +150,13 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path, mode: str, name: str, timeout_s: float = 120):
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
     storage = tmp_path / "storage"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(script), mode, str(storage), name]
+    cmd = torchrun_command(str(script), mode, str(storage), name)
     t0 = time.monotonic()
-    # Own process group, so a timeout kills the ranks too, not only the torchrun launcher.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                          start_new_session=True) as popen:
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.communicate()
-            raise
-    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+    proc = run_process_group(cmd, cwd=tmp_path, env=launch_env(), timeout_s=timeout_s, stderr=subprocess.PIPE)
     elapsed = time.monotonic() - t0
     lines = [json.loads(line.split("TKJSON ", 1)[1]) for line in proc.stdout.splitlines() if "TKJSON " in line]
     return proc, lines, elapsed, storage / name

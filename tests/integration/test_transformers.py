@@ -1,6 +1,7 @@
 """trainkit.huggingface.transformers: a ``transformers.Trainer`` in a trainkit training function.
 
-A tiny GPT-2 built from a config (no downloads, Hugging Face offline) on generated tokens, in
+A tiny GPT-2 built from a config (no downloads, Hugging Face offline) on generated tokens (the model,
+the data and the crash callback are framework_models.py's, shared with test_frameworks_torchrun.py), in
 local mode (a map-style dataset) and on 2 Ray workers (Ray Data shards as the train and eval
 datasets through ``prepare_trainer``). Each run crashes once and must resume from the
 ``checkpoint/`` folder of its last report at that report's step.
@@ -11,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
+import pytest
 
-import pytest  # noqa: E402
+# Hugging Face offline: framework_models sets it before transformers is imported.
+from framework_models import TokenRows, TransformersCrashOnce, tiny_gpt2, tokens, train_from_last_report
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,40 +28,8 @@ from trainkit.torch import TorchTrainer  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-SEQ, VOCAB, ROWS = 8, 32, 32
+ROWS = 32
 SAVE_STEPS, MAX_STEPS, CRASH_AFTER = 2, 6, 4
-
-
-def _tokens(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n, SEQ), generator=g)
-
-
-class TokenRows(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.ids = _tokens(n)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-class CrashOnce(transformers.TrainerCallback):
-    """Records the step each attempt starts at; raises after step ``CRASH_AFTER`` in attempt 1."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        ctx = trainkit.get_context()
-        with open(os.path.join(self.folder, f"start-a{ctx.get_attempt()}-r{ctx.get_world_rank()}.json"), "w") as f:
-            json.dump({"step": state.global_step}, f)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if trainkit.get_context().get_attempt() == 1 and state.global_step == CRASH_AFTER:
-            raise RuntimeError(f"crash after step {CRASH_AFTER}")
 
 
 def to_model_inputs(batch):
@@ -69,9 +38,7 @@ def to_model_inputs(batch):
 
 
 def train_func(config):
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2))
+    model = tiny_gpt2()
     ray_data = config["ray_data"]
     if ray_data:  # this rank's Ray Data shards, as ready batches
         train = trainkit.get_dataset_shard("train").iter_torch_batches(batch_size=4, collate_fn=to_model_inputs)
@@ -84,15 +51,10 @@ def train_func(config):
         save_steps=SAVE_STEPS, eval_strategy="steps", eval_steps=SAVE_STEPS, report_to="none",
         disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                                   callbacks=[CrashOnce(config["folder"])])
+                                   callbacks=[TransformersCrashOnce(config["folder"], CRASH_AFTER)])
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
-    checkpoint = trainkit.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
-    else:
-        trainer.train()
+    train_from_last_report(trainer)
 
 
 def _fit(tmp_path, storage_path, num_workers, datasets=None):
@@ -135,7 +97,7 @@ def test_a_transformers_trainer_in_local_mode_reports_each_save_and_resumes_afte
 def test_a_transformers_trainer_on_two_ray_workers_reads_ray_data_shards_and_resumes(tmp_path, storage_path):
     import ray
 
-    ids = _tokens(ROWS).numpy()
+    ids = tokens(ROWS).numpy()
     train = ray.data.from_items([{"id": i, "input_ids": ids[i], "labels": ids[i]} for i in range(ROWS)])
     evaluation = ray.data.from_items([{"id": i, "input_ids": ids[i], "labels": ids[i]} for i in range(8)])
     result, folder = _fit(tmp_path, storage_path, num_workers=2, datasets={"train": train, "eval": evaluation})
