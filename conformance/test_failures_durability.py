@@ -103,6 +103,32 @@ def test_single_rank_restart_resumes(tk):
     assert result.metrics["step"] == 4
 
 
+class _RaisingCallback(trainkit.UserCallback):
+    """A UserCallback whose after_report raises at the first committed report."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        raise RuntimeError("injected callback failure")
+
+
+def _counted_reports(config):
+    count_attempt(config["dir"], trainkit.get_context().get_world_rank())
+    for step in (1, 2, 3):
+        trainkit.report({"step": step})
+
+
+@case("FAIL-008", "failures", "An exception in a UserCallback hook fails the run at once with ControllerError "
+      "naming the callback's exception, and is not retried even with max_failures=2: every rank started once.")
+def test_a_callback_exception_is_fatal_and_not_retried(tk):
+    workers = 2 if MULTI_WORKER in tk.capabilities else 1
+    err = tk.fails(_counted_reports, workers=workers, config={"dir": tk.dir}, max_failures=2,
+                   run_options={"callbacks": [_RaisingCallback()]})
+    assert isinstance(err, trainkit.ControllerError), f"{type(err).__name__}, not ControllerError: {err.message}"
+    assert any(f.exc_type == "RuntimeError" and "injected callback failure" in f.message for f in err.failures), \
+        [(f.exc_type, f.message[:200]) for f in err.failures]
+    starts = {r: len(tk.lines(f"starts-rank{r}")) for r in range(workers)}
+    assert starts == {r: 1 for r in range(workers)}, f"starts per rank: {starts} (a callback's error was retried)"
+
+
 # -- durability --------------------------------------------------------------------------------
 def _dies_after_report(config):
     ctx = trainkit.get_context()

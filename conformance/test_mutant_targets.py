@@ -117,9 +117,14 @@ def _returns_while_peer_waits(config):
       requires=[MULTI_WORKER], extension=True, bound_s=90, ray_train=_RT_MISMATCH_HANG,
       ray_train_raises="CaseTimeout")
 def test_returning_while_a_peer_waits_in_report_fails_fast(tk):
+    _fails_fast_naming_both_ranks(tk, _returns_while_peer_waits)
+
+
+def _fails_fast_naming_both_ranks(tk, fn) -> None:
+    """The run of ``fn`` on 2 workers fails with a mismatch failure naming report and both ranks,
+    well before any timeout."""
     t0 = time.monotonic()
-    err = tk.fails(_returns_while_peer_waits, workers=2)
-    f = _mismatch_failure(err)
+    f = _mismatch_failure(tk.fails(fn, workers=2))
     assert "report" in f.message and "rank 0" in f.message and "rank 1" in f.message, f.message
     assert time.monotonic() - t0 < 60, "a report mismatch must not wait for a timeout"
 
@@ -138,11 +143,7 @@ def _reports_after_peer_returned(config):
       requires=[MULTI_WORKER], extension=True, bound_s=90, ray_train=_RT_MISMATCH_HANG,
       ray_train_raises="CaseTimeout")
 def test_reporting_after_a_peer_returned_fails_fast(tk):
-    t0 = time.monotonic()
-    err = tk.fails(_reports_after_peer_returned, workers=2)
-    f = _mismatch_failure(err)
-    assert "report" in f.message and "rank 0" in f.message and "rank 1" in f.message, f.message
-    assert time.monotonic() - t0 < 60, "a report mismatch must not wait for a timeout"
+    _fails_fast_naming_both_ranks(tk, _reports_after_peer_returned)
 
 
 def _uneven_counted(config):

@@ -165,7 +165,7 @@ class WorkerFailure:
     world_rank: int
     node_id: str = ""
     pid: int | None = None
-    kind: str = "exception"  # exception | collective | storage | died | oom | hang | preempted | mismatch
+    kind: str = "exception"  # exception | collective | storage | died | oom | hang | preempted | mismatch | callback
     exc_type: str = ""
     message: str = ""
     traceback: str = ""

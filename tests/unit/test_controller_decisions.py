@@ -38,6 +38,9 @@ ROWS = [
      FailureConfig(max_failures=1), Fail, Budget(2, 0), {"kind": "failure"}),
     ("max_failures=-1 retries for ever", Outcome(failures=(_f(),)), Budget(99, 0),
      FailureConfig(max_failures=-1), Restart, Budget(100, 0), {}),
+    ("a UserCallback's error is never retried (a controller failure)",
+     Outcome(failures=(_f(-1, "callback"), _f(0, "callback"), _f(1, "collective"))), Budget(),
+     FailureConfig(max_failures=5), Fail, Budget(1, 0), {"kind": "failure"}),
     ("a mismatch is never retried", Outcome(failures=(_f(1, "mismatch"),)), Budget(),
      FailureConfig(max_failures=5), Fail, Budget(1, 0), {"kind": "failure"}),
     ("a preemption is counted apart and waits for the noticed nodes",
@@ -240,3 +243,13 @@ def test_the_rank_that_raised_comes_before_the_peers_broken_collectives():
     broken = WorkerFailure(world_rank=0, kind="collective", message="gloo: Connection reset by peer")
     cause = _f(1, "exception", "ValueError: bad batch")
     assert root_cause_first([broken, cause]) == [cause, broken]
+
+
+def test_a_callback_failure_fails_with_a_controller_error_that_leads_with_it():
+    from trainkit.errors import ControllerError
+
+    action, _ = decide(Outcome(failures=(_f(1, "collective"), _f(-1, "callback"), _f(0, "callback"))), Budget(),
+                       FailureConfig(max_failures=-1))
+    assert isinstance(action, Fail) and type(action.error) is ControllerError
+    assert [f.world_rank for f in action.error.failures] == [-1, 1]  # the callback first; the ranks' copies dropped
+

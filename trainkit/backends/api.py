@@ -41,7 +41,7 @@ from trainkit.backends import (DURABLE_REPORT, ELASTIC, FAULT_INJECTION, HANG_DI
                                PREEMPTION, VIRTUAL_NODES, Backend, TrainSpec, available_backends, get_backend,
                                register_backend)
 from trainkit.backends import decide
-from trainkit.errors import WorkerFailure, WorkerGroupError
+from trainkit.errors import TrainingFailedError, WorkerFailure, WorkerGroupError
 from trainkit.lease import owned
 from trainkit.ledger import RunLedger
 from trainkit.session import Coordinator, RankInfo, ReportReply, record_fault
@@ -80,6 +80,8 @@ def failure_from(exc: BaseException, world_rank: int, *, node_id: str = "local",
     from trainkit.errors import StorageError
     from trainkit.storage_io import retryable
 
+    if isinstance(exc, TrainingFailedError) and exc.failures and exc.failures[0].kind == "callback":
+        return exc.failures[0]  # a UserCallback's error, raised here through report(): the run's failure as it is
     peer = None
     if isinstance(exc, StorageError) and isinstance(exc, OSError) and not retryable(exc):
         kind = "storage"
@@ -116,11 +118,28 @@ class _UserCallbacks:
             store = self.ledger.store
             ckpt = Checkpoint(store.path(event.checkpoint), store.fs) if event.checkpoint else None
             for cb in self.callbacks:
-                cb.after_report(self.context, metrics, ckpt)
+                _call_hook(cb, "after_report", self.context, metrics, ckpt)
         elif isinstance(event, ev.WorkerFailed):
             failures = {f["world_rank"]: WorkerFailure.from_dict(f) for f in event.failures}
             for cb in self.callbacks:
-                cb.after_exception(self.context, failures)
+                _call_hook(cb, "after_exception", self.context, failures)
+
+
+def _call_hook(cb, hook: str, *args) -> None:
+    """``cb.hook(*args)``; what it raises becomes a ``ControllerError`` whose failure has kind
+    ``callback``: the run fails at once, never retried (Ray Train: a callback's exception is a
+    controller failure, fatal even with ``max_failures > 0``)."""
+    from trainkit.errors import ControllerError, WorkerFailure
+
+    try:
+        getattr(cb, hook)(*args)
+    except Exception as e:  # noqa: BLE001 - the user's hook: its exception ends the run
+        where = f"{type(cb).__name__}.{hook}"
+        failure = WorkerFailure(world_rank=-1, kind="callback", exc_type=type(e).__name__,
+                                message=f"{where} raised {type(e).__name__}: {e}",
+                                traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        raise ControllerError(f"the UserCallback hook {where} raised (a callback's error is not retried)",
+                              [failure]) from e
 
 
 def subscribe_callbacks(ledger: RunLedger, spec: TrainSpec) -> None:
@@ -241,8 +260,12 @@ def _attempt_loop(spec: TrainSpec, ledger: RunLedger, coordinator, max_failures,
                 before_finish(coord)
             ledger.finish("finished")
             return ledger.result(return_value=action.value)
-        ledger.record_failure(attempt, list(outcome.failures), will_retry=isinstance(action, decide.Restart),
-                              kind=action.kind)
+        try:
+            ledger.record_failure(attempt, list(outcome.failures), will_retry=isinstance(action, decide.Restart),
+                                  kind=action.kind)
+        except TrainingFailedError as e:  # a UserCallback's after_exception raised: the run ends with it
+            ledger.finish("failed", e)
+            raise
         if isinstance(action, decide.Fail):
             ledger.finish("failed", action.error)
             raise action.error from raised

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from trainkit.backends.barrier import describe_ranks
-from trainkit.errors import (HangDetectedError, PreemptionError, StorageFailedError, TrainingFailedError, WorkerFailure,
+from trainkit.errors import (ControllerError, HangDetectedError, PreemptionError, StorageFailedError, TrainingFailedError, WorkerFailure,
                              WorkerGroupError)
 from trainkit.policies import FailureDecision, decide_failure, decide_resize
 
@@ -118,6 +118,11 @@ def decide(outcome: Outcome, budget: Budget, failure_config) -> tuple[Action, Bu
         return Abort(WorkerGroupError("the run was aborted (Ctrl-C or a dead driver)", failures)), budget
     if failures[0].kind == "resize":
         return Resize(), budget
+    callback = next((f for f in failures if f.kind == "callback"), None)
+    if callback is not None:  # a UserCallback raised: a controller failure, never retried (as in Ray Train)
+        rest = [f for f in failures if f.kind != "callback"]  # the ranks whose report() raised it are copies
+        return Fail("failure", ControllerError(f"a UserCallback raised; root cause: {callback.message}",
+                                               [callback] + rest)), Budget(budget.failures + 1, budget.preemptions)
     preemption = any(f.kind == "preempted" for f in failures)
     if preemption:
         budget = Budget(budget.failures, budget.preemptions + 1)

@@ -64,6 +64,7 @@ class RayTrainBackend:
         import ray.train.torch
 
         from trainkit._serialize import dumps_train_fn
+        from trainkit.backends import _ray_train_callbacks
 
         rc = spec.run_config
         sc = spec.scaling_config
@@ -81,7 +82,7 @@ class RayTrainBackend:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ck.num_to_keep,
                                                          checkpoint_score_attribute=ck.checkpoint_score_attribute,
                                                          checkpoint_score_order=ck.checkpoint_score_order),
-            worker_runtime_env=rc.worker_runtime_env)
+            worker_runtime_env=rc.worker_runtime_env, callbacks=_ray_train_callbacks.forwarded(rc.callbacks, convert_checkpoint, _failure))
         ray_sc = ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                          resources_per_worker=sc.resources_per_worker,
                                          placement_strategy=sc.placement_strategy)

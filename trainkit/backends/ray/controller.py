@@ -234,8 +234,9 @@ class Controller:
                 attempt.barrier.released_at = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a failed commit: every rank gets the error; the attempt ends
                 rnd.fut.set_result(("error", e))
-                attempt.end([attempt.failure(0, kind=api.failure_from(e, 0).kind, exc_type=type(e).__name__,
-                                             message=str(e))])
+                f = api.failure_from(e, 0)
+                attempt.end([f if f.kind == "callback" else
+                             attempt.failure(0, kind=f.kind, exc_type=type(e).__name__, message=str(e))])
         return await asyncio.shield(rnd.fut)
 
     async def _complete(self, run: Run, attempt: Attempt, rnd: br.Round):
