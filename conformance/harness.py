@@ -280,8 +280,22 @@ class Harness:
         reader = getattr(self.backend, "result_from_path", None)
         return reader(str(path)) if reader is not None else trainkit.Result.from_path(str(path))
 
-    def run_path(self, name: str) -> str:
-        return os.path.join(self.storage, name)
+    def run_path(self, name: str, storage_path: Optional[str] = None) -> str:
+        """The run folder of run ``name`` under ``storage_path`` (default: this case's local folder), as
+        a user names it: a local path, or a URI (``s3://bucket/runs/name``) on an object store."""
+        if storage_path is None:
+            return os.path.join(self.storage, name)
+        if "://" in storage_path:
+            return f"{storage_path.rstrip('/')}/{name}"
+        return os.path.join(storage_path, name)
+
+    def uri_of(self, storage_path: str, path: str) -> str:
+        """``path`` (a ``Result``'s or ``Checkpoint``'s, which on an object store has no scheme, as in
+        Ray Train) as a URI of ``storage_path``'s kind, for ``Result.from_path``; local paths stay."""
+        path = str(path)
+        if "://" in storage_path and "://" not in path:
+            return f"{storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
+        return path
 
     def read(self, rel: str) -> Any:
         with open(os.path.join(self.dir, rel)) as f:

@@ -11,6 +11,8 @@ from conformance.case import case
 from conformance.harness import checkpoint_files, checkpoint_with, put, resume_step
 from trainkit.backends.api import MULTI_WORKER
 
+STORAGE = pytest.mark.parametrize("storage", ["local", "s3"])  # persistence cases run on local disk and moto S3
+
 _RT_FROM_PATH_ERROR = ("Ray Train 2.60's Result.from_path of a failed run has error None: the error is not "
                        "persisted (reference §10.7).")
 
@@ -139,9 +141,11 @@ def _resumable(config):
 @case("PERSIST-001", "persistence", "A fresh run's get_checkpoint() is None and get_all_reported_checkpoints() "
       "empty on every rank, even beside another run with checkpoints in the same storage_path.",
       requires=[MULTI_WORKER])
-def test_fresh_run_has_no_checkpoint(tk):
-    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 1}, name="other")
-    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 2}, name="fresh")
+@STORAGE
+def test_fresh_run_has_no_checkpoint(tk, storage):
+    path = tk.storage_for(storage)
+    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 1}, name="other", storage_path=path)
+    tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 2}, name="fresh", storage_path=path)
     for rank in (0, 1):
         assert tk.read(f"start-2-rank{rank}.json") == 0, f"rank {rank} of a fresh run got a checkpoint"
         assert tk.read(f"all-2-rank{rank}.json") == [], f"rank {rank} of a fresh run lists reported checkpoints"
@@ -149,7 +153,7 @@ def test_fresh_run_has_no_checkpoint(tk):
 
 @case("PERSIST-002", "persistence", "A second fit() with the same name and storage_path starts every rank from "
       "the previous run's latest checkpoint.", requires=[MULTI_WORKER])
-@pytest.mark.parametrize("storage", ["local", "s3"])
+@STORAGE
 def test_rerun_resumes_from_the_latest_checkpoint(tk, storage):
     path = tk.storage_for(storage)
     tk.fit(_resumable, workers=2, config={"dir": tk.dir, "run": 1}, name="again", storage_path=path)
@@ -160,18 +164,22 @@ def test_rerun_resumes_from_the_latest_checkpoint(tk, storage):
 
 @case("PERSIST-003", "persistence", "In a resumed run, get_all_reported_checkpoints() lists the previous run's "
       "checkpoints, and the final best_checkpoints span both runs.")
-def test_resumed_run_sees_previous_checkpoints(tk):
-    tk.fit(_resumable, config={"dir": tk.dir, "run": 1}, name="span")
-    result = tk.fit(_resumable, config={"dir": tk.dir, "run": 2}, name="span")
+@STORAGE
+def test_resumed_run_sees_previous_checkpoints(tk, storage):
+    path = tk.storage_for(storage)
+    tk.fit(_resumable, config={"dir": tk.dir, "run": 1}, name="span", storage_path=path)
+    result = tk.fit(_resumable, config={"dir": tk.dir, "run": 2}, name="span", storage_path=path)
     assert tk.read("all-2-rank0.json") == [1, 2]
     assert [m["step"] for _, m in result.best_checkpoints] == [1, 2, 3, 4]
 
 
 @case("PERSIST-004", "persistence", "Result.from_path(result.path) rebuilds the same checkpoint, metrics and "
       "best checkpoints as the live Result, without error.")
-def test_result_from_path_matches_the_live_result(tk):
-    live = tk.fit(_resumable, config={"dir": tk.dir, "run": 1})
-    loaded = tk.result_from_path(live.path)
+@STORAGE
+def test_result_from_path_matches_the_live_result(tk, storage):
+    path = tk.storage_for(storage)
+    live = tk.fit(_resumable, config={"dir": tk.dir, "run": 1}, storage_path=path)
+    loaded = tk.result_from_path(tk.uri_of(path, live.path))  # on S3 result.path has no scheme (as in Ray Train)
     assert loaded.error is None
     assert os.path.normpath(loaded.checkpoint.path) == os.path.normpath(live.checkpoint.path)
     assert loaded.metrics == live.metrics
@@ -186,9 +194,11 @@ def _fails_after_two(config):
 @case("PERSIST-005", "persistence", "After a failed run, Result.from_path(run folder) has the same error as "
       "fit() raised, and the last committed checkpoint.", extension=True, ray_train=_RT_FROM_PATH_ERROR,
       ray_train_match="from_path error is None")
-def test_result_from_path_of_a_failed_run_has_the_error(tk):
-    err = tk.fails(_fails_after_two, name="failed")
-    loaded = tk.result_from_path(tk.run_path("failed"))
+@STORAGE
+def test_result_from_path_of_a_failed_run_has_the_error(tk, storage):
+    path = tk.storage_for(storage)
+    err = tk.fails(_fails_after_two, name="failed", storage_path=path)
+    loaded = tk.result_from_path(tk.run_path("failed", path))
     assert isinstance(loaded.error, trainkit.TrainingFailedError), f"Result.from_path error is {loaded.error!r}"
     assert "failure after step 1" in str(loaded.error) and "failure after step 1" in str(err)
     assert checkpoint_files(loaded.checkpoint) == {"step": 1}

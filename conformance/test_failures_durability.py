@@ -16,6 +16,8 @@ from conformance.case import case
 from conformance.harness import checkpoint_with, count_attempt, put, resume_step
 from trainkit.backends.api import DURABLE_REPORT, MULTI_WORKER
 
+STORAGE = pytest.mark.parametrize("storage", ["local", "s3"])  # durability cases run on local disk and moto S3
+
 
 def _raise_on(config):
     ctx = trainkit.get_context()
@@ -152,8 +154,10 @@ _RT_LOST_ROUNDS = ("Ray Train 2.60 can lose rounds whose reports were still queu
 @case("DUR-001", "durability", "When a rank dies right after report(step k) returned, the restarted group "
       "resumes from step k or k-1 (never older), and the run finishes.", requires=[MULTI_WORKER],
       ray_train=_RT_LOST_ROUNDS, ray_train_match="resumed from step 0", ray_train_racy=True)
-def test_death_after_report_resumes_from_k_or_k_minus_one(tk):
-    result = tk.fit(_dies_after_report, workers=2, config={"dir": tk.dir}, max_failures=1)
+@STORAGE
+def test_death_after_report_resumes_from_k_or_k_minus_one(tk, storage):
+    result = tk.fit(_dies_after_report, workers=2, config={"dir": tk.dir}, max_failures=1,
+                    storage_path=tk.storage_for(storage))
     start = tk.read("start-a2-rank0.json")
     assert start in (1, 2), f"the restarted group resumed from step {start} after report(2) returned"
     assert result.metrics["step"] == 3
@@ -165,8 +169,10 @@ def test_death_after_report_resumes_from_k_or_k_minus_one(tk):
       ray_train="Ray Train 2.60 drops a round whose reports were still in a dead worker's queue: the group "
       "resumes from step k-1 (or older) and step k's folder is left orphaned; a race, so sometimes step k is kept "
       "(reference §5.5, W1, E2 lost_report).", ray_train_match="was lost", ray_train_racy=True)
-def test_death_after_report_never_loses_the_checkpoint(tk):
-    tk.fit(_dies_after_report, workers=2, config={"dir": tk.dir}, max_failures=1)
+@STORAGE
+def test_death_after_report_never_loses_the_checkpoint(tk, storage):
+    tk.fit(_dies_after_report, workers=2, config={"dir": tk.dir}, max_failures=1,
+           storage_path=tk.storage_for(storage))
     start = tk.read("start-a2-rank0.json")
     assert start == 2, f"the checkpoint of a report that returned was lost: resumed from step {start}"
 
@@ -185,8 +191,10 @@ def _dies_before_report(config):
 
 @case("DUR-003", "durability", "A checkpoint of a round that not every rank reached is never handed out: after "
       "a rank dies before report(step k), every rank restarts from a step before k.", requires=[MULTI_WORKER])
-def test_incomplete_round_is_not_handed_out(tk):
-    result = tk.fit(_dies_before_report, workers=2, config={"dir": tk.dir}, max_failures=1)
+@STORAGE
+def test_incomplete_round_is_not_handed_out(tk, storage):
+    result = tk.fit(_dies_before_report, workers=2, config={"dir": tk.dir}, max_failures=1,
+                    storage_path=tk.storage_for(storage))
     starts = [tk.read("start-a2-rank0.json"), tk.read("start-a2-rank1.json")]
     assert starts[0] == starts[1] and starts[0] < 2, f"restart steps {starts}: the incomplete round 2 was handed out"
     assert result.metrics["step"] == 3
@@ -195,8 +203,10 @@ def test_incomplete_round_is_not_handed_out(tk):
 @case("DUR-006", "durability", "After a rank dies before report(step k), the restarted group resumes from step "
       "k-1, whose report had returned on every rank.", requires=[MULTI_WORKER, DURABLE_REPORT], extension=True,
       ray_train=_RT_LOST_ROUNDS, ray_train_match="resumed from", ray_train_racy=True)
-def test_round_before_an_incomplete_one_is_kept(tk):
-    tk.fit(_dies_before_report, workers=2, config={"dir": tk.dir}, max_failures=1)
+@STORAGE
+def test_round_before_an_incomplete_one_is_kept(tk, storage):
+    tk.fit(_dies_before_report, workers=2, config={"dir": tk.dir}, max_failures=1,
+           storage_path=tk.storage_for(storage))
     starts = [tk.read("start-a2-rank0.json"), tk.read("start-a2-rank1.json")]
     assert starts == [1, 1], f"the restarted ranks resumed from steps {starts}, not step 1"
 
@@ -213,7 +223,7 @@ def _fails_always_after(config):
 
 @case("DUR-004", "durability", "A new fit() with the same name after a failed run resumes from the failed "
       "run's last committed checkpoint.")
-@pytest.mark.parametrize("storage", ["local", "s3"])
+@STORAGE
 def test_new_fit_after_a_failed_run_resumes(tk, storage):
     path = tk.storage_for(storage)
     tk.fails(_fails_always_after, config={"dir": tk.dir, "run": 1, "fail": True}, name="durable", storage_path=path)
@@ -226,11 +236,17 @@ def test_new_fit_after_a_failed_run_resumes(tk, storage):
       "in order, and its end.", extension=True,
       ray_train="Ray Train 2.60 writes no event stream to storage; its logs go to the Ray session folder "
       "(reference §4.2.5).", ray_train_raises=FileNotFoundError, ray_train_match="events.jsonl")
-def test_event_stream_records_the_run(tk):
+@STORAGE
+def test_event_stream_records_the_run(tk, storage):
     import json
 
-    tk.fit(_fails_always_after, config={"dir": tk.dir, "run": 1}, name="events")
-    with open(os.path.join(tk.run_path("events"), "events.jsonl")) as f:
+    path = tk.storage_for(storage)
+    tk.fit(_fails_always_after, config={"dir": tk.dir, "run": 1}, name="events", storage_path=path)
+    fs, root = tk.fs_for(path)  # the run folder is read through the storage's own filesystem
+    events = f"{root}/events/events.jsonl"
+    if not fs.isfile(events):
+        raise FileNotFoundError(f"no events.jsonl in the run folder: {events}")
+    with fs.open(events, "r") as f:
         types = [json.loads(line) for line in f if line.strip()]
     kinds = [e["type"] for e in types]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished"

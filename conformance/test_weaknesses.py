@@ -82,10 +82,12 @@ def _scored(config):
       ray_train="Ray Train 2.60's Result.from_path ignores the run's CheckpointConfig: its best_checkpoints also "
       "hold the retained latest checkpoint, in report order (reference §10.7, W9, E2 from_path).",
       ray_train_match="from_path")
-def test_from_path_keeps_the_retention_order(tk):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_from_path_keeps_the_retention_order(tk, storage):
+    path = tk.storage_for(storage)
     cc = trainkit.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max")
-    live = tk.fit(_scored, config={"scores": [5, 1, 3, 4, 2]}, checkpoint_config=cc)
-    loaded = tk.result_from_path(live.path)
+    live = tk.fit(_scored, config={"scores": [5, 1, 3, 4, 2]}, checkpoint_config=cc, storage_path=path)
+    loaded = tk.result_from_path(tk.uri_of(path, live.path))  # on S3 result.path has no scheme (as in Ray Train)
     want = [m["step"] for _, m in live.best_checkpoints]
     got = [m["step"] for _, m in loaded.best_checkpoints]
     assert want == [4, 1], f"the live best_checkpoints are steps {want}"
