@@ -197,10 +197,33 @@ def run_cases(copy_root: str, case_ids: Sequence[str], *, timeout_s: float, case
             doc = json.load(f)
         res.probe = doc.get("probe")
         res.error = doc.get("error", "")
-        res.cases = {c["id"]: (c["outcome"], c["reason"]) for c in doc.get("cases", [])}
+        res.cases = with_rollups({c["id"]: (c["outcome"], c["reason"]) for c in doc.get("cases", [])})
     elif not res.timed_out:
         res.error = f"the child exited {proc.returncode} without a report"
     return res
+
+
+def with_rollups(cases: dict) -> dict:
+    """Add each parametrized case's own id (``PERSIST-003`` for ``PERSIST-003[local]`` and
+    ``PERSIST-003[s3]``): failed when any variant failed, passed when every variant passed,
+    else the first variant's other outcome. The catalog names cases; the suite runs variants."""
+    variants: dict = {}
+    for cid, value in cases.items():
+        if "[" in cid:
+            variants.setdefault(cid.split("[", 1)[0], []).append((cid, value))
+    out = dict(cases)
+    for base, vs in variants.items():
+        if base in out:
+            continue
+        failed = [(cid, v) for cid, v in vs if v[0] == "failed"]
+        if failed:
+            out[base] = ("failed", "; ".join(f"{cid}: {v[1]}" for cid, v in failed))
+        elif all(v[0] == "passed" for _cid, v in vs):
+            out[base] = ("passed", "")
+        else:
+            cid, v = next((cid, v) for cid, v in vs if v[0] != "passed")
+            out[base] = (v[0], f"{cid}: {v[1]}")
+    return out
 
 
 def judge(mutant: Mutant, res: RunResult) -> MutantResult:
