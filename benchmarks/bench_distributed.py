@@ -54,6 +54,7 @@ import time
 import uuid
 
 from _common import write_json
+from trainkit.events import read_run_dicts
 
 WORKERS = 2
 FIT_REPORTS = 5
@@ -295,7 +296,7 @@ def bench_restart(system: System, env: dict | None = None, spares: int = 0) -> d
     restarted = _read_float(os.path.join(d, "first_report_after_restart"))
     out = {"restart_s": restarted - killed, "fit_s": fit_s, "env": dict(env or {})}
     if spares:
-        used = [e for e in _events(result.path) if e.get("type") == "spare_used"]
+        used = [e for e in read_run_dicts(result.path) if e.get("type") == "spare_used"]
         if not used:
             raise RuntimeError(f"{system.name}: spare_workers={spares} but no spare_used event in {result.path}")
         out["spares"] = spares
@@ -311,13 +312,6 @@ def bench_restarts(system: System, n: int) -> dict:
     return {"plain": plain, "spare": spare,
             "plain_stats": _stats([r["restart_s"] for r in plain]),
             "spare_stats": _stats([r["restart_s"] for r in spare])}
-
-
-def _events(run_path: str) -> list:
-    import json
-
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def bench_worker_start(n: int) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -11,6 +10,7 @@ import trainkit
 from conformance.case import case
 from conformance.harness import checkpoint_files, checkpoint_with, count_attempt, put, resume_step, wait_for
 from trainkit.backends.api import ELASTIC, HANG_DIAGNOSTICS, MULTI_WORKER, PREEMPTION
+from trainkit.events import read_run_dicts
 
 _RT_HANG = ("Ray Train 2.60 has no hang detection at the report barrier (HangConfig has no Ray Train "
             "counterpart): the other ranks wait for the slow rank as long as it takes and the run then finishes, "
@@ -109,11 +109,6 @@ def _one_rank_hangs(config):
     trainkit.report({"step": 2})
 
 
-def _events(run_path: str) -> list[dict]:
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 @case("HANG-001", "hang", "With HangConfig(timeout_s=T, action='fail'), ranks waiting at a report barrier for "
       "longer than T fail the run with HangDetectedError naming the missing rank.",
       requires=[MULTI_WORKER, HANG_DIAGNOSTICS], extension=True, pending="hang_watchdog",
@@ -134,7 +129,7 @@ def test_hang_fails_the_run_naming_the_missing_rank(tk):
 def test_hang_writes_stacks_naming_the_user_frame(tk):
     tk.fails(_one_rank_hangs, workers=2, config={"hang_s": 60}, name="hung",
              hang_config=trainkit.HangConfig(timeout_s=2, action="fail"))
-    hangs = [e for e in _events(tk.run_path("hung")) if e["type"] == "hang_detected"]
+    hangs = [e for e in read_run_dicts(tk.run_path("hung")) if e["type"] == "hang_detected"]
     assert hangs and list(hangs[0]["missing_ranks"]) == [1]
     diag = os.path.join(tk.run_path("hung"), "diagnostics")
     text = ""
@@ -152,6 +147,6 @@ def test_hang_warning_lets_the_run_finish(tk):
     result = tk.fit(_one_rank_hangs, workers=2, config={"hang_s": 5}, name="slow",
                     hang_config=trainkit.HangConfig(timeout_s=1.5, action="warn"))
     path = os.path.join(tk.run_path("slow"), "events.jsonl")
-    events = _events(tk.run_path("slow")) if os.path.exists(path) else []
+    events = read_run_dicts(tk.run_path("slow")) if os.path.exists(path) else []
     assert any(e["type"] == "hang_detected" for e in events), "no hang_detected event was recorded"
     assert result.metrics == {"step": 2}

@@ -15,6 +15,7 @@ under torchrun); readers run anywhere.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Optional
@@ -291,6 +292,21 @@ def parse_events(data: bytes | str | None) -> EventsRead:
         return EventsRead(events, None, f"events.jsonl {_torn(skipped)}; read {len(events)} events",
                           tuple(skipped))
     return EventsRead(events)
+
+
+def read_run(run_path: "str | os.PathLike") -> list[Event]:
+    """The events of the local run folder ``run_path``, read as ``parse_events`` reads them (a torn
+    line skipped, reading stopped at a truncated or unreadable one); none when there is no file."""
+    try:
+        with open(os.path.join(run_path, "events.jsonl"), "rb") as f:
+            return parse_events(f.read()).events
+    except FileNotFoundError:
+        return []
+
+
+def read_run_dicts(run_path: "str | os.PathLike") -> list[dict]:
+    """``read_run`` as the JSON objects the file holds (``{"type": "report_committed", ...}``)."""
+    return [json.loads(e.to_json()) for e in read_run(run_path)]
 
 
 def _torn(lines: list[int]) -> str:

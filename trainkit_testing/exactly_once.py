@@ -32,6 +32,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
+from trainkit.events import read_run_dicts
+
 FOLDER = ".exactly_once"
 
 
@@ -126,20 +128,6 @@ class ExactlyOnceReport:
                 "epochs": [dict(asdict(e), ok=e.ok) for e in self.epochs]}
 
 
-def _read_events(run_path: str) -> list[dict]:
-    out = []
-    try:
-        with open(os.path.join(run_path, "events.jsonl")) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    break  # a truncated last line: read up to it
-    except FileNotFoundError:
-        pass
-    return out
-
-
 def _read_records(path: str) -> list[dict]:
     out = []
     with open(path) as f:
@@ -160,7 +148,7 @@ def check_exactly_once(run_path: str, *, ids: Optional[Iterable] = None, epochs:
     epoch seen). ``dataset``: only this dataset (default: all recorded). ``live``: called from
     inside the run's last attempt after its last report: that attempt counts in full.
     """
-    events = _read_events(run_path)
+    events = read_run_dicts(run_path)
     starts: dict[int, int] = {}
     for e in events:
         if e.get("type") == "attempt_started":

@@ -21,3 +21,15 @@ def ray_up(trainkit_cluster):
     private ``trainkit_testing.cluster.Cluster`` disconnected it)."""
     trainkit_cluster.connect()
     return trainkit_cluster
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    """A module's private cluster: a head with no CPUs and three 1-CPU virtual nodes, fast GCS
+    health checks so a removed node is noticed in about a second. Yields (the
+    ``ray.cluster_utils.Cluster``, its three nodes): what a test removes and adds nodes with.
+    The elastic tests use it, never the session's shared cluster."""
+    from trainkit_testing.cluster import Cluster
+
+    with Cluster(nodes=3, cpus_per_node=1) as c:
+        yield c.ray_cluster, c.virtual_nodes

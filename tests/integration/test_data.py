@@ -21,6 +21,7 @@ from trainkit import Checkpoint, ConfigError, FailureConfig, RunConfig, ScalingC
 from trainkit.data import load_shard_states, save_shard_state
 from trainkit.torch import TorchTrainer
 from trainkit_testing.exactly_once import ExactlyOnce, assert_exactly_once, check_exactly_once
+from trainkit.events import read_run_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]
@@ -32,11 +33,6 @@ def _fit(fn, storage_path, name, *, workers, config, datasets, max_failures=0):
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=[ExactlyOnce()],
                              failure_config=FailureConfig(max_failures=max_failures)),
     ).fit()
-
-
-def _events(run_path: str) -> list[dict]:
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _one_pass_fn(config):
@@ -105,7 +101,7 @@ def test_a_rank_killed_mid_epoch_resumes_and_each_row_is_consumed_once_per_epoch
     result = _fit(_resumable_fn, storage_path, "kill", workers=2, max_failures=1,
                   config={"epochs": 2, "batch_size": 4, "fail": {"rank": 1, "report": 4, "how": "exit"}},
                   datasets={"train": ray.data.range(n, override_num_blocks=4)})
-    starts = [e for e in _events(result.path) if e["type"] == "attempt_started"]
+    starts = [e for e in read_run_dicts(result.path) if e["type"] == "attempt_started"]
     assert {e["attempt"] for e in starts} == {1, 2}
     assert max(e["start_index"] for e in starts if e["attempt"] == 2) == 3  # resumed mid-epoch 0
     report = assert_exactly_once(result.path, ids=range(n), epochs=2)
@@ -127,7 +123,7 @@ def test_after_a_restart_from_3_to_2_workers_the_rest_of_the_epoch_is_consumed_o
              datasets={"train": ds})
     result = _fit(_resumable_fn, storage_path, "shrink", workers=2,
                   config={"epochs": 2, "batch_size": 4}, datasets={"train": ds})
-    starts = {e["attempt"]: e for e in _events(result.path) if e["type"] == "attempt_started"}
+    starts = {e["attempt"]: e for e in read_run_dicts(result.path) if e["type"] == "attempt_started"}
     assert starts[1]["world_size"] == 3 and starts[2]["world_size"] == 2 and starts[2]["start_index"] == 2
     assert_exactly_once(result.path, ids=range(n), epochs=2)
     assert result.metrics["world_size"] == 2

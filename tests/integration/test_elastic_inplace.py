@@ -2,15 +2,13 @@
 process group re-forms smaller; when capacity returns the new worker starts in the background and
 the group grows at a checkpointed report, the survivors again keeping their processes.
 
-One private ``trainkit_testing.cluster.Cluster`` for the module (a head with no CPUs, three 1-CPU
-nodes, fast GCS health checks): the test removes and adds nodes, which the session's shared
-cluster must never see. Real Ray, real gloo process groups.
+The module's private three-node cluster is conftest's ``three_nodes``: the test removes and adds
+nodes, which the session's shared cluster must never see. Real Ray, real gloo process groups.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import tempfile
 import threading
 import time
@@ -21,20 +19,9 @@ import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from trainkit import events as ev
 from trainkit.torch import TorchTrainer
-from trainkit_testing.cluster import Cluster
 from trainkit_testing.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with Cluster(nodes=3, cpus_per_node=1) as c:
-        yield c.ray_cluster, c.virtual_nodes
-
-
-def _events(run_path: str) -> list[ev.Event]:
-    return ev.parse_events(pathlib.Path(run_path, "events.jsonl").read_bytes()).events
 
 
 def _of_type(events: list[ev.Event], kind: type[ev.Event]) -> list:
@@ -77,8 +64,8 @@ def _world_size(work: str) -> int:
 
 
 def test_a_node_loss_shrinks_the_group_in_place_and_a_returned_node_grows_it_back_keeping_the_survivors(
-        cluster, tmp_path):
-    c, nodes = cluster
+        three_nodes, tmp_path):
+    c, nodes = three_nodes
     work = str(tmp_path / "work")
     os.makedirs(work)
     storage = str(tmp_path / "runs")
@@ -97,7 +84,7 @@ def test_a_node_loss_shrinks_the_group_in_place_and_a_returned_node_grows_it_bac
     t = threading.Thread(target=go, daemon=True)
     t.start()
     wait_for(lambda: _world_size(work) == 3, 120, "3 workers")
-    ranks = _of_type(_events(run_path), ev.AttemptStarted)[-1].ranks
+    ranks = _of_type(ev.read_run(run_path), ev.AttemptStarted)[-1].ranks
     rank0 = next(r for r in ranks if r["world_rank"] == 0)
     victim = next(r for r in ranks if r["node_id"] != rank0["node_id"])
     survivors = {r["pid"] for r in ranks if r["node_id"] != victim["node_id"]}
@@ -111,7 +98,7 @@ def test_a_node_loss_shrinks_the_group_in_place_and_a_returned_node_grows_it_bac
     assert "error" not in out, out.get("error")
     result = out["result"]
 
-    events = _events(run_path)
+    events = ev.read_run(run_path)
     attempts = _of_type(events, ev.AttemptStarted)
     pids = [{r["pid"] for r in a.ranks} for a in attempts]
     sizes = [a.world_size for a in attempts]

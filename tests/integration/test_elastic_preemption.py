@@ -1,14 +1,12 @@
 """Elastic resizing and preemption on a real local Ray cluster with virtual nodes.
 
-One private ``trainkit_testing.cluster.Cluster`` for the module (head with no CPUs, three
-1-CPU nodes, fast GCS health checks so a removed node is noticed in about a second): the
-tests remove and add nodes, which the session's shared cluster must never see.
+The module's private three-node cluster is conftest's ``three_nodes``: the tests remove and add
+nodes, which the session's shared cluster must never see.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import tempfile
 import threading
@@ -21,21 +19,9 @@ import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from trainkit import events as ev
 from trainkit.torch import TorchTrainer
-from trainkit_testing.cluster import Cluster
 from trainkit_testing.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """(the ``ray.cluster_utils.Cluster``, its three virtual nodes): what the tests remove and add nodes with."""
-    with Cluster(nodes=3, cpus_per_node=1) as c:
-        yield c.ray_cluster, c.virtual_nodes
-
-
-def _events(run_path: str) -> list[ev.Event]:
-    return ev.parse_events(pathlib.Path(run_path, "events.jsonl").read_bytes()).events
 
 
 def _stepping_loop(config):
@@ -86,8 +72,8 @@ def _fit_in_thread(config, scaling, run_config):
     return t, out
 
 
-def test_elastic_group_shrinks_on_node_loss_and_grows_back_when_a_node_returns(cluster, tmp_path):
-    c, nodes = cluster
+def test_elastic_group_shrinks_on_node_loss_and_grows_back_when_a_node_returns(three_nodes, tmp_path):
+    c, nodes = three_nodes
     work = str(tmp_path / "work")
     os.makedirs(work)
     rc = RunConfig(name="elastic", storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=2))
@@ -101,7 +87,7 @@ def test_elastic_group_shrinks_on_node_loss_and_grows_back_when_a_node_returns(c
     t.join(60)
     assert "error" not in out, out.get("error")
     result = out["result"]
-    events = _events(result.path)
+    events = ev.read_run(result.path)
     resizes = [(e.old_world_size, e.new_world_size) for e in events if isinstance(e, ev.Resized)]
     assert (3, 2) in resizes and resizes[-1][1] == 3
     # every report index of the final lineage is present exactly once
@@ -109,21 +95,21 @@ def test_elastic_group_shrinks_on_node_loss_and_grows_back_when_a_node_returns(c
     assert steps == list(range(1, len(steps) + 1))
 
 
-def test_preempted_rank_saves_a_checkpoint_in_its_grace_period_and_the_run_resumes_from_it(cluster, tmp_path):
+def test_preempted_rank_saves_a_checkpoint_in_its_grace_period_and_the_run_resumes_from_it(three_nodes, tmp_path):
     work = str(tmp_path / "work")
     os.makedirs(work)
     rc = RunConfig(name="preempt", storage_path=str(tmp_path / "runs"), failure_config=FailureConfig(max_failures=0))
     t, out = _fit_in_thread({"dir": work, "step_s": 0.1}, ScalingConfig(num_workers=2), rc)
     run_path = os.path.join(str(tmp_path / "runs"), "preempt")
     wait_for(lambda: (_last_progress(work) or (0,))[0] >= 3, 90, "3 steps")
-    started = [e for e in _events(run_path) if isinstance(e, ev.AttemptStarted) and e.ranks]
+    started = [e for e in ev.read_run(run_path) if isinstance(e, ev.AttemptStarted) and e.ranks]
     victim = next(r for r in started[-1].ranks if r["world_rank"] == 1)
     os.kill(victim["pid"], signal.SIGTERM)  # the notice; the controller stops the group after the next commit
     wait_for(lambda: (_last_progress(work) or (0, 0, 1))[2] >= 2, 60, "the restarted attempt")
     open(os.path.join(work, "stop"), "w").close()
     t.join(60)
     assert "error" not in out, out.get("error")  # max_failures=0: a preemption is not a failure
-    events = _events(run_path)
+    events = ev.read_run(run_path)
     assert any(isinstance(e, ev.Preempted) and 1 in e.world_ranks for e in events)
     failed = [e for e in events if isinstance(e, ev.WorkerFailed)]
     assert failed and all(e.kind == "preemption" and e.will_retry for e in failed)
@@ -133,10 +119,10 @@ def test_preempted_rank_saves_a_checkpoint_in_its_grace_period_and_the_run_resum
     assert attempt2.start_index >= 3 and saves
 
 
-def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once_the_node_left(cluster, tmp_path):
+def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once_the_node_left(three_nodes, tmp_path):
     """A 600 s notice: the survivors re-form without the noticed rank at once (they never wait for its
     node to go), and its slot starts a new worker only once that node has left."""
-    c, nodes = cluster
+    c, nodes = three_nodes
     work = str(tmp_path / "work")
     os.makedirs(work)
     run_path = os.path.join(str(tmp_path / "runs"), "notice")
@@ -144,13 +130,13 @@ def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once
                    worker_runtime_env={"env_vars": {"TRAINKIT_PREEMPTION_GRACE_S": "600"}})
     t, out = _fit_in_thread({"dir": work}, ScalingConfig(num_workers=(1, 3)), rc)
     wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 3, 90, "3 workers")
-    ranks = [e for e in _events(run_path) if isinstance(e, ev.AttemptStarted)][-1].ranks
+    ranks = [e for e in ev.read_run(run_path) if isinstance(e, ev.AttemptStarted)][-1].ranks
     victim = next(r for r in ranks if r["world_rank"] == 2)
     os.kill(victim["pid"], signal.SIGTERM)
     wait_for(lambda: (_last_progress(work) or (0, 0))[1] == 2, 60, "the group to go on with 2 (not waiting 600 s)")
     node = next(n for n in nodes if n.node_id == victim["node_id"])
     assert victim["node_id"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # the noticed node is still there
-    events = _events(run_path)
+    events = ev.read_run(run_path)
     assert not [e for e in events if isinstance(e, ev.SpareReady) and e.regrow], \
         "the noticed rank's slot started a worker while its node was still there"
     nodes.remove(node)
@@ -160,7 +146,7 @@ def test_an_elastic_group_drops_a_noticed_rank_at_once_and_regrows_its_slot_once
     open(os.path.join(work, "stop"), "w").close()
     t.join(60)
     assert "error" not in out, out.get("error")
-    events = _events(run_path)
+    events = ev.read_run(run_path)
     (notice,) = [e for e in events if isinstance(e, ev.Preempted)]
     assert notice.grace_s == 600 and notice.world_ranks == (2,)
     resizes = [(e.old_world_size, e.new_world_size) for e in events if isinstance(e, ev.Resized)]

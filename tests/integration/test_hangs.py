@@ -25,6 +25,7 @@ from trainkit import FailureConfig, HangConfig, HangDetectedError, RunConfig, Sc
 from trainkit.cli import diagnose
 from trainkit.diagnostics.run_report import load_report
 from trainkit.torch import TorchTrainer
+from trainkit.events import read_run_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]
@@ -137,16 +138,8 @@ def _fit(fn, storage_path, name, *, workers=4, config=None, action="fail", dump=
     ).fit()
 
 
-def _events(run_path: str) -> list[dict]:
-    out = []
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        for line in f:
-            out.append(json.loads(line))
-    return out
-
-
 def _hang_events(run_path: str) -> list[dict]:
-    return [e for e in _events(run_path) if e["type"] == "hang_detected"]
+    return [e for e in read_run_dicts(run_path) if e["type"] == "hang_detected"]
 
 
 def _summary(run_path: str, event: dict) -> dict:
@@ -298,7 +291,7 @@ def test_restart_restarts_from_the_latest_checkpoint_and_counts_a_failure(storag
     result = _fit(train_stuck_rank, storage_path, "restart", workers=2, action="restart", max_failures=1,
                   config={"stuck_rank": 1, "stuck_at": 2, "out": str(tmp_path)})
     assert result.error is None and result.metrics == {"step": 3} and result.attempts == 2
-    events = _events(os.path.join(storage_path, "restart"))
+    events = read_run_dicts(os.path.join(storage_path, "restart"))
     failed = [e for e in events if e["type"] == "worker_failed"]
     assert len(failed) == 1 and failed[0]["kind"] == "hang" and failed[0]["will_retry"]
     assert failed[0]["failures"][0]["world_rank"] == 1
@@ -314,7 +307,7 @@ def test_restart_past_max_failures_raises_hang_detected_error(storage_path, tmp_
 
     with pytest.raises(HangDetectedError, match="max_failures=1"):
         _fit(always_stuck, storage_path, "restart2", workers=2, action="restart", max_failures=1)
-    events = _events(os.path.join(storage_path, "restart2"))
+    events = read_run_dicts(os.path.join(storage_path, "restart2"))
     assert [e["kind"] for e in events if e["type"] == "worker_failed"] == ["hang", "hang"]
 
 

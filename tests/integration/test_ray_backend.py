@@ -26,6 +26,7 @@ import trainkit
 from trainkit import (Checkpoint, ControllerError, FailureConfig, Result, RunConfig, ScalingConfig,
                       TrainingFailedError, WorkerGroupError)
 from trainkit.torch import TorchTrainer
+from trainkit.events import read_run_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(150)]
@@ -41,17 +42,6 @@ def _fit(fn, storage_path, name, *, workers=2, config=None, max_failures=0, **ru
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures), **run_kwargs),
     ).fit()
-
-
-def _events(run_path: str) -> list[dict]:
-    out = []
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                break  # a truncated last line
-    return out
 
 
 def _of_type(events: list[dict], kind: str) -> list[dict]:
@@ -112,7 +102,7 @@ def _no_rank_worker_left(tmp_path):
     must_be_dead: set[int] = set()
     warm: set[int] = set()
     for events_file in glob.glob(str(tmp_path / "**" / "events.jsonl"), recursive=True):
-        events = _events(os.path.dirname(events_file))
+        events = read_run_dicts(os.path.dirname(events_file))
         failed = {e["attempt"] for e in _of_type(events, "worker_failed")}
         for attempt, ranks in _attempt_pids(events).items():
             (must_be_dead if attempt in failed else warm).update(ranks.values())
@@ -290,7 +280,7 @@ def _check_cnn_run(result, out: str, run_path: str, workers: int, epochs: int) -
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
     model.load_state_dict(state)  # saved from model.module: no "module." prefix
     assert abs(sum(float(p.detach().double().sum()) for p in model.parameters()) - seen[0]["param_sum"]) < 1e-6
-    committed = _of_type(_events(run_path), "report_committed")
+    committed = _of_type(read_run_dicts(run_path), "report_committed")
     assert [e["index"] for e in committed] == list(range(1, epochs + 1))
     assert {e["world_size"] for e in committed} == {workers}
     with open(os.path.join(run_path, "logs", "attempt-1", "rank-0.log")) as f:
@@ -344,7 +334,7 @@ def test_collectives_and_context_values_are_consistent_across_two_ranks(storage_
         assert s["attempt"] == 1 and s["report_index"] == 1
         assert s["run_path"] == os.path.join(storage_path, "ctx-run")
     assert result.return_value == 0
-    started = _of_type(_events(os.path.join(storage_path, "ctx-run")), "attempt_started")[-1]
+    started = _of_type(read_run_dicts(os.path.join(storage_path, "ctx-run")), "attempt_started")[-1]
     assert {r["world_rank"]: r["pid"] for r in started["ranks"]} == {0: seen[0]["pid"], 1: seen[1]["pid"]}
     for r in range(2):  # the channel was used, not left for actor calls
         with open(os.path.join(storage_path, "ctx-run", "logs", "attempt-1", f"rank-{r}.log")) as f:
@@ -369,7 +359,7 @@ def test_a_second_fit_with_the_same_name_resumes_from_the_latest_checkpoint(stor
     assert list(second.metrics_dataframe["step"]) == [1, 2, 3, 4, 5]
     assert second.checkpoint.path == os.path.join(storage_path, "resumed", "checkpoint_5")
     assert _checkpoint_json(second.checkpoint) == {"step": 5}
-    events = _events(os.path.join(storage_path, "resumed"))
+    events = read_run_dicts(os.path.join(storage_path, "resumed"))
     assert _of_type(events, "run_started")[-1]["resumed_from_index"] == 3
     second_commits = [e["index"] for e in _of_type(events, "report_committed")][3:]
     assert second_commits == [4, 5]
@@ -429,7 +419,7 @@ def test_a_resource_request_the_cluster_can_never_satisfy_fails_fast(storage_pat
     assert str(scaling.num_workers) in msg
     loaded = Result.from_path(os.path.join(storage_path, "too-big"))
     assert isinstance(loaded.error, ControllerError), "Result.from_path shows the run's error"
-    assert _of_type(_events(os.path.join(storage_path, "too-big")), "attempt_started") == []
+    assert _of_type(read_run_dicts(os.path.join(storage_path, "too-big")), "attempt_started") == []
 
 
 # -- 2. SIGKILL of a rank at a chosen report ----------------------------------------------------
@@ -450,7 +440,7 @@ def test_a_rank_sigkilled_after_report_k_restarts_from_checkpoint_k(storage_path
     assert list(result.metrics_dataframe["attempt"]) == [1] * k + [2] * (steps - k)
     assert result.attempts == 2
 
-    events = _events(run_path)
+    events = read_run_dicts(run_path)
     pids = _attempt_pids(events)
     killed = _read_json(os.path.join(out, "fault.json"))["pid"]
     assert killed == pids[1][1]
@@ -485,7 +475,7 @@ def test_checkpoint_k_survives_a_rank_that_exits_right_after_its_own_report_k(st
         assert seen["start"] == k and seen["report_index"] == k
     assert result.metrics["step"] == k + 1
     assert list(result.metrics_dataframe["step"]) == list(range(1, k + 2))
-    events = _events(run_path)
+    events = read_run_dicts(run_path)
     (failed,) = _of_type(events, "worker_failed")
     assert failed["failures"][0]["world_rank"] == 1 and failed["failures"][0]["kind"] == "died"
     assert _of_type(events, "attempt_started")[-1]["start_index"] == k
@@ -514,7 +504,7 @@ def test_a_rank_that_reports_one_time_fewer_fails_the_run_fast_naming_the_ranks(
     assert "report" in msg and "rank 1" in msg and "rank 0" in msg
     assert "2 report(s)" in msg, "names the returning rank's report count"
     assert [f.kind for f in info.value.failures][0] == "mismatch"
-    events = _events(os.path.join(storage_path, "fewer"))
+    events = read_run_dicts(os.path.join(storage_path, "fewer"))
     assert len(_of_type(events, "attempt_started")) == 1, "a mismatch is not retried"
     assert [e["index"] for e in _of_type(events, "report_committed")] == [1, 2]
 
@@ -538,7 +528,7 @@ def test_report_on_one_rank_never_pairs_with_barrier_on_another(storage_path, tm
     msg = str(info.value)
     assert "report" in msg and "barrier" in msg
     assert "rank 0" in msg and "rank 1" in msg
-    events = _events(os.path.join(storage_path, "report-vs-barrier"))
+    events = read_run_dicts(os.path.join(storage_path, "report-vs-barrier"))
     assert _of_type(events, "report_committed") == [], "the report was not committed by a barrier"
 
 
@@ -567,7 +557,7 @@ def test_an_exception_on_one_rank_tears_the_others_down_at_once(storage_path, tm
     assert root.world_rank == 1 and root.exc_type == "ValueError" and root.kind == "exception"
     assert root.message == "rank one cannot go on: bad batch 17"
     assert "_raise_on_rank_1_fn" in root.traceback and 'raise ValueError("rank one' in root.traceback
-    pids = _attempt_pids(_events(run_path))[1]
+    pids = _attempt_pids(read_run_dicts(run_path))[1]
     assert root.pid == pids[1] and root.node_id
     assert "rank 1" in str(err) and "ValueError: rank one cannot go on" in str(err)
     _assert_dead(pids.values(), timeout=FAST_S)  # rank 0 (blocked in a gloo barrier) is gone too
@@ -605,7 +595,7 @@ def test_max_failures_exhausted_raises_worker_group_error_after_three_attempts(s
     assert type(loaded.error) is WorkerGroupError
     assert [f.to_dict() for f in loaded.error.failures] == [f.to_dict() for f in err.failures]
     assert loaded.attempts == 3
-    events = _events(run_path)
+    events = read_run_dicts(run_path)
     assert [e["will_retry"] for e in _of_type(events, "worker_failed")] == [True, True, False]
     assert _of_type(events, "run_finished")[-1]["status"] == "failed"
     pids = _attempt_pids(events)
@@ -627,7 +617,7 @@ def test_release_warm_workers_leaves_no_rank_worker_alive(storage_path, tmp_path
 
     out = str(tmp_path / "seen")
     result = _fit(_steps_fn, storage_path, "warm", workers=4, config={"steps": 1, "out": out})
-    pids = _attempt_pids(_events(os.path.join(storage_path, "warm")))[1]
+    pids = _attempt_pids(read_run_dicts(os.path.join(storage_path, "warm")))[1]
     assert result.metrics["step"] == 1
     assert _alive(pids.values()) == sorted(pids.values()), "a successful fit keeps its group warm"
     release_warm_workers()

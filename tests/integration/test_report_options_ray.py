@@ -23,6 +23,7 @@ import trainkit
 from trainkit import (Checkpoint, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                       UserCallback, ValidationConfig)
 from trainkit.torch import TorchTrainer
+from trainkit.events import read_run_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"), pytest.mark.trainkit(workers=2, nodes=1),
               pytest.mark.timeout(240)]
@@ -42,11 +43,6 @@ def _step_dir(step: int, rank: int) -> str:
     with open(os.path.join(d, f"rank{rank}.txt"), "w") as f:
         f.write(str(step))
     return d
-
-
-def _events(run_path: str) -> list[dict]:
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def test_an_async_report_is_durable_once_acknowledged_and_lost_when_its_rank_dies_during_the_upload(tmp_path):
@@ -90,7 +86,7 @@ def test_an_async_report_is_durable_once_acknowledged_and_lost_when_its_rank_die
                                         "attempt2-rank0-start1", "attempt2-rank1-start1",
                                         "attempt3-rank0-start2", "attempt3-rank1-start2"]
     assert result.return_value == 2 and result.metrics == {"step": 3}
-    committed = [(e["attempt"], e["index"]) for e in _events(result.path) if e["type"] == "report_committed"]
+    committed = [(e["attempt"], e["index"]) for e in read_run_dicts(result.path) if e["type"] == "report_committed"]
     assert committed == [(1, 1), (2, 2), (3, 3)]
     assert sorted(os.listdir(result.checkpoint.path)) == ["rank0.txt", "rank1.txt"]
 

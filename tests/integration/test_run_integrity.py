@@ -53,11 +53,6 @@ def _fit(storage_path, name, workers, steps, *, dir_name=None, max_failures=0, *
                                              **run_kwargs)).fit()
 
 
-def _events(run_path) -> list:
-    with open(os.path.join(run_path, "events.jsonl"), "rb") as f:
-        return ev.parse_events(f.read()).events
-
-
 def _tree(root) -> dict:
     out = {}
     for dirpath, dirs, names in os.walk(root):
@@ -172,7 +167,7 @@ def test_the_ray_backend_resumes_from_the_latest_intact_checkpoint(storage_path)
 
     assert result.return_value == {"start": 2}
     assert result.checkpoint.path == os.path.join(run, "checkpoint_4")
-    events = _events(run)
+    events = ev.read_run(run)
     skipped = [e for e in events if isinstance(e, ev.CheckpointSkipped)]
     assert [(e.dir, e.problem, e.fallback) for e in skipped] == [("checkpoint_3", "its folder is missing",
                                                                    "checkpoint_2")]

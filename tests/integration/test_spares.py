@@ -22,14 +22,10 @@ import pytest
 import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from trainkit.torch import TorchTrainer
+from trainkit.events import read_run_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(180)]
-
-
-def _events(run_path: str) -> list[dict]:
-    with open(os.path.join(run_path, "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _of_type(events: list[dict], kind: str) -> list[dict]:
@@ -95,7 +91,7 @@ def test_a_hot_spare_replaces_a_sigkilled_rank_and_the_run_ends_with_every_step_
     with result.checkpoint.as_directory() as d:
         assert json.load(open(os.path.join(d, "step.json"))) == steps
 
-    events = _events(run_path)
+    events = read_run_dicts(run_path)
     commits = [(e["attempt"], e["index"], e["checkpoint"]) for e in _of_type(events, "report_committed")]
     assert commits == [(1 if i <= k else 2, i, f"checkpoint_{i}") for i in range(1, steps + 1)]
     started = {e["attempt"]: {r["world_rank"]: r["pid"] for r in e["ranks"]} for e in _of_type(events, "attempt_started")}
@@ -145,7 +141,7 @@ def test_a_spare_that_cannot_be_placed_never_holds_up_the_run_and_is_said_in_eve
     finally:
         release_warm_workers()  # the pending spare's placement group goes with the group
     assert result.error is None and result.return_value is True
-    events = _events(run_path)
+    events = read_run_dicts(run_path)
     group_started = _of_type(events, "attempt_started")[0]["time"]
     unplaced = _of_type(events, "spare_unplaced")
     assert unplaced and unplaced[0]["wanted"] == spares and not unplaced[0]["gave_up"]

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from trainkit.events import read_run_dicts
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 NAME = "shared"
@@ -88,8 +90,7 @@ def _manifest(tmp_path) -> dict:
 
 
 def _events(tmp_path) -> list[dict]:
-    with open(os.path.join(_run(tmp_path), "events.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_run_dicts(_run(tmp_path))
 
 
 def _wait_checkpoints(tmp_path, n: int, deadline_s: float = 90) -> None:

@@ -54,7 +54,7 @@ def _manifest(tmp_path, name="run"):
 
 
 def _events(tmp_path, name="run"):
-    return ev.parse_events((tmp_path / "storage" / name / "events.jsonl").read_bytes()).events
+    return ev.read_run(tmp_path / "storage" / name)
 
 
 def test_the_commit_records_every_file_with_its_size(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from trainkit import FailureConfig, RunConfig, ScalingConfig
 from trainkit.errors import ConfigError, ScenarioError, TrainingFailedError
-from trainkit.events import parse_events
+from trainkit.events import read_run
 from trainkit.trainer import DataParallelTrainer
 
 from fault_injection import FaultPlan
@@ -104,7 +104,7 @@ def _fit(tmp_path, plan, max_failures, steps=5, name="run"):
 
 
 def _events(tmp_path, name="run"):
-    return parse_events((tmp_path / name / "events.jsonl").read_bytes()).events
+    return read_run(tmp_path / name)
 
 
 def test_a_raise_fires_once_and_the_retried_attempt_replays_the_report_without_it(tmp_path):
