@@ -95,6 +95,8 @@ def _inside_ray_worker() -> bool:
     import ray
 
     ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:  # a driver: asking it for a task id only logs a warning
+        return False
     return ctx.get_task_id() is not None or ctx.get_actor_id() is not None
 
 
