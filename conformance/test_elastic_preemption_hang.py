@@ -146,7 +146,6 @@ def test_hang_writes_stacks_naming_the_user_frame(tk):
 def test_hang_warning_lets_the_run_finish(tk):
     result = tk.fit(_one_rank_hangs, workers=2, config={"hang_s": 5}, name="slow",
                     hang_config=trainkit.HangConfig(timeout_s=1.5, action="warn"))
-    path = os.path.join(tk.run_path("slow"), "events.jsonl")
-    events = read_run_dicts(tk.run_path("slow")) if os.path.exists(path) else []
+    events = read_run_dicts(tk.run_path("slow"))  # no file: no events
     assert any(e["type"] == "hang_detected" for e in events), "no hang_detected event was recorded"
     assert result.metrics == {"step": 2}

@@ -37,10 +37,14 @@ class Event:
     type: ClassVar[str] = "event"
     time: float = field(default_factory=time.time)
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
+        """The event as the JSON object ``events.jsonl`` holds for it."""
         d = {"type": self.type}
         d.update(asdict(self))
-        return json.dumps(jsonable(d), sort_keys=False)
+        return jsonable(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
 
 
 @_event("run_started")
@@ -306,7 +310,7 @@ def read_run(run_path: "str | os.PathLike") -> list[Event]:
 
 def read_run_dicts(run_path: "str | os.PathLike") -> list[dict]:
     """``read_run`` as the JSON objects the file holds (``{"type": "report_committed", ...}``)."""
-    return [json.loads(e.to_json()) for e in read_run(run_path)]
+    return [e.to_dict() for e in read_run(run_path)]
 
 
 def _torn(lines: list[int]) -> str:

@@ -63,7 +63,7 @@ def test_shipped_scenario_passes(name, tmp_path):
 
 
 def test_a_node_preemption_records_the_scenario_grace_and_each_fault_gets_its_row(tmp_path):
-    from trainkit.events import parse_events
+    from trainkit.events import read_run
 
     path = tmp_path / "preempt_grace.yaml"
     path.write_text("version: 1\nname: preempt_grace\n"
@@ -78,6 +78,6 @@ def test_a_node_preemption_records_the_scenario_grace_and_each_fault_gets_its_ro
     assert rows["fault0 preempt node 1 at report 3"]["observed"] == "fired"
     assert rows["never raise rank 0 at the first report of attempt 9"]["passed"] is True  # optional
     assert rows["default: run finished"]["observed"] == "finished"
-    events = parse_events(pathlib.Path(verdict["run_path"], "events.jsonl").read_bytes()).events
+    events = read_run(verdict["run_path"])
     notices = [e for e in events if e.type == "preempted"]
     assert notices and all(e.grace_s == 2.0 for e in notices), notices

@@ -19,9 +19,9 @@ import pytest
 import trainkit
 from trainkit import Checkpoint, ConfigError, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from trainkit.data import load_shard_states, save_shard_state
+from trainkit.events import read_run_dicts
 from trainkit.torch import TorchTrainer
 from trainkit_testing.exactly_once import ExactlyOnce, assert_exactly_once, check_exactly_once
-from trainkit.events import read_run_dicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]

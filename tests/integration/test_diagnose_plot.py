@@ -43,8 +43,7 @@ def test_plot_of_a_run_that_failed_once_and_recovered(storage_path, tmp_path, ca
     out = capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "max_failures" not in out
-    with open(os.path.join(run, "events.jsonl"), "rb") as f:
-        spans, downtime, _ = timeline_spans(ev.parse_events(f.read()).events)
+    spans, downtime, _ = timeline_spans(ev.read_run(run))
     assert [(s.attempt, s.outcome) for s in spans] == [(1, "restarted"), (2, "finished")]
     assert len(downtime) == 1 and downtime[0][0] <= downtime[0][1]
 

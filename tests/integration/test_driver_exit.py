@@ -18,6 +18,9 @@ import pytest
 
 import psutil
 
+from trainkit.events import read_run_dicts
+from trainkit_testing.waiting import wait_for
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(150)]
 
@@ -50,17 +53,14 @@ def pid_alive(pid: int) -> bool:
 
 def _worker_pids(run_path: str, deadline_s: float) -> list[int]:
     """The pids of the first attempt, once it has committed a report."""
-    events_file = os.path.join(run_path, "events.jsonl")
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if os.path.exists(events_file):
-            with open(events_file) as f:
-                events = [json.loads(line) for line in f if line.strip().endswith("}")]
-            started = [e for e in events if e["type"] == "attempt_started" and e.get("ranks")]
-            if started and any(e["type"] == "report_committed" for e in events):
-                return [r["pid"] for r in started[0]["ranks"]]
-        time.sleep(0.1)
-    raise AssertionError(f"no committed report in {run_path} within {deadline_s} s")
+    def pids():
+        events = read_run_dicts(run_path)
+        started = [e for e in events if e["type"] == "attempt_started" and e.get("ranks")]
+        if started and any(e["type"] == "report_committed" for e in events):
+            return [r["pid"] for r in started[0]["ranks"]]
+        return None
+
+    return wait_for(pids, deadline_s, f"a committed report in {run_path}", interval_s=0.1)
 
 
 def _wait_dead(pids: list[int], deadline_s: float) -> list[int]:

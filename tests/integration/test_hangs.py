@@ -24,8 +24,9 @@ import trainkit
 from trainkit import FailureConfig, HangConfig, HangDetectedError, RunConfig, ScalingConfig
 from trainkit.cli import diagnose
 from trainkit.diagnostics.run_report import load_report
-from trainkit.torch import TorchTrainer
 from trainkit.events import read_run_dicts
+from trainkit.torch import TorchTrainer
+from trainkit_testing.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(240)]
@@ -383,21 +384,8 @@ class _DapClient:
 
 
 def _wait_for_event(run_path: str, kind: str, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with open(os.path.join(run_path, "events.jsonl")) as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                    except ValueError:
-                        break
-                    if e["type"] == kind:
-                        return e
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no {kind} event within {timeout_s} s")
+    return wait_for(lambda: next((e for e in read_run_dicts(run_path) if e["type"] == kind), None), timeout_s,
+                    f"a {kind} event in {run_path}")
 
 
 def train_note_start(config):

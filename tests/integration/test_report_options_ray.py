@@ -22,8 +22,8 @@ import pytest
 import trainkit
 from trainkit import (Checkpoint, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                       UserCallback, ValidationConfig)
-from trainkit.torch import TorchTrainer
 from trainkit.events import read_run_dicts
+from trainkit.torch import TorchTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"), pytest.mark.trainkit(workers=2, nodes=1),
               pytest.mark.timeout(240)]

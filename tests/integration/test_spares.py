@@ -21,8 +21,8 @@ import pytest
 
 import trainkit
 from trainkit import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-from trainkit.torch import TorchTrainer
 from trainkit.events import read_run_dicts
+from trainkit.torch import TorchTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(180)]
