@@ -25,8 +25,8 @@ import pytest
 import trainkit
 from trainkit import (Checkpoint, ControllerError, FailureConfig, Result, RunConfig, ScalingConfig,
                       TrainingFailedError, WorkerGroupError)
-from trainkit.torch import TorchTrainer
 from trainkit.events import read_run_dicts
+from trainkit.torch import TorchTrainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_up"),
               pytest.mark.trainkit(workers=4, nodes=1), pytest.mark.timeout(150)]
@@ -623,3 +623,9 @@ def test_release_warm_workers_leaves_no_rank_worker_alive(storage_path, tmp_path
     release_warm_workers()
     _assert_dead(set(pids.values()) | _WARM_PIDS)
     _WARM_PIDS.clear()
+    # the controller lives on: its next run reports over a new channel, not actor calls
+    _fit(_steps_fn, storage_path, "after-release", config={"steps": 1, "out": str(tmp_path / "after")})
+    for r in range(2):
+        with open(os.path.join(storage_path, "after-release", "logs", "attempt-1", f"rank-{r}.log")) as f:
+            assert "using actor calls" not in f.read()
+    release_warm_workers()

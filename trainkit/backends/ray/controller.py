@@ -354,9 +354,12 @@ class Controller:
         return True
 
     async def shutdown(self) -> None:
+        """Release the warm workers and close the report channel; the controller itself stays, and
+        its next run starts a new channel (a closed one would refuse every rank: actor calls)."""
         self.pool.shutdown()
         if self._channel is not None:
             self._channel.close()
+            self._channel = None
 
 
 ControllerActor = ray.remote(num_cpus=0, max_restarts=0)(Controller)
