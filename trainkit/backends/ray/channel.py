@@ -112,6 +112,16 @@ class ChannelServer:
             writer.close()
 
 
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("the controller closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
 class ChannelClient:
     """A rank's side: one connection, opened at the first call, closed by ``close()``."""
 
@@ -137,24 +147,18 @@ class ChannelClient:
         with self._lock:
             if self._sock is None:
                 self._sock = self._connect()
+            # this call's socket: close() from another thread may clear self._sock at any moment; it
+            # shuts the socket down first, so a recv here then ends (EOF or OSError), never hangs
+            sock = self._sock
             try:
-                self._sock.sendall(request)
-                (n,) = _LEN.unpack(self._recv(_LEN.size))
-                return pickle.loads(self._recv(n))
+                sock.sendall(request)
+                (n,) = _LEN.unpack(_recv(sock, _LEN.size))
+                return pickle.loads(_recv(sock, n))
             except (OSError, EOFError) as e:
                 self._close()
                 raise _controller_error(f"the connection to the controller was lost during {method} "
                                         f"({type(e).__name__}: {e}); the controller (and the driver) may have "
                                         "died") from None
-
-    def _recv(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise EOFError("the controller closed the connection")
-            buf += chunk
-        return bytes(buf)
 
     def _close(self) -> None:
         s, self._sock = self._sock, None
