@@ -182,12 +182,17 @@ class RankWorker:
             return s.getsockname()[1]
 
     def preempt(self, grace_s: float = 0.0) -> None:
-        """Mark this rank preempted (also on SIGTERM) and tell the controller."""
-        self._preempted.set()
+        """Tell the controller, then mark this rank preempted (also on SIGTERM). The function sees
+        is_preempted() only once the controller knows: the report it makes next (over the report
+        channel, which could overtake an unawaited actor call) then stops the attempt."""
         ref = self._run_ref
         if ref is not None:
             controller, run_id, attempt, rank = ref
-            controller.preempted.remote(run_id, attempt, rank, float(grace_s))
+            try:
+                ray.get(controller.preempted.remote(run_id, attempt, rank, float(grace_s)), timeout=10)
+            except ray.exceptions.RayError:  # the controller is gone or stuck: the rank still sees its notice
+                pass
+        self._preempted.set()
 
     def init_process_group(self, master_addr: str, master_port: int, info: dict, backend: str,
                            timeout_s: float, cuda_visible: Optional[str]) -> None:
